@@ -1,0 +1,146 @@
+"""The admin listener: /healthz /readyz /status /drain /metrics.
+
+It is a separate aiohttp application on its own port, so none of these paths is
+ever answered on the proxy port (there they are forwarded like any other path),
+and admin traffic never shows up in the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from .config import Config
+from .drain import Drain, State
+from .health import Health
+from .metrics import Metrics
+
+__all__ = ("Admin",)
+
+
+class Admin:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        drain: Drain,
+        metrics: Metrics,
+        health: Health,
+        connections: Callable[[], int],
+        websockets: Callable[[], int],
+    ) -> None:
+        self._config = config
+        self._drain = drain
+        self._health = health
+        self._connections = connections
+        self._websockets = websockets
+        self._token = config.admin_token.encode() if config.admin_token else None
+        self._waiters = 0
+        self._answered = asyncio.Event()
+        self._answered.set()
+        self._started = time.time()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/status", self.status)
+        app.router.add_route("GET", "/drain", self.drain)
+        app.router.add_route("POST", "/drain", self.drain)
+        app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+        self.app = app
+
+    async def start(self) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        addr = self._config.admin
+        site = web.TCPSite(self._runner, addr.host, addr.port, reuse_address=True)
+        await site.start()
+        self.port = site.port
+        return self.port
+
+    async def stop(self) -> None:
+        """Answer every waiting /drain caller, then close the listener."""
+        await asyncio.wait_for(self._answered.wait(), timeout=5.0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"alive": True, "state": self._drain.state.value})
+
+    def _not_ready_reason(self) -> str | None:
+        state = self._drain.state
+        if state is State.STARTING:
+            return "waiting for the upstream to become healthy"
+        if state is not State.SERVING:
+            return "draining: the pod is shutting down"
+        if self._health.gating and not self._health.healthy:
+            return f"upstream health check failing: {self._health.last_error}"
+        return None
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        reason = self._not_ready_reason()
+        state = self._drain.state.value
+        if reason is None:
+            return web.json_response({"ready": True, "state": state})
+        return web.json_response({"ready": False, "state": state, "reason": reason}, status=503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        drain = self._drain
+        body: dict[str, Any] = {
+            "state": drain.state.value,
+            "ready": self._not_ready_reason() is None,
+            "in_flight": len(drain),
+            "connections": self._connections(),
+            "websockets": self._websockets(),
+            "drain": {**drain.timings(), **_summary(drain)},
+            "upstream": {
+                "url": self._config.upstream.url,
+                "healthy": self._health.healthy,
+                "health_path": self._config.upstream.health_path,
+                "last_error": self._health.last_error,
+            },
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self._started, 3),
+        }
+        return web.json_response(body)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        if self._token is not None and not self._authorized(request):
+            return web.json_response(
+                {"error": "unauthorized: send Authorization: Bearer <admin_token>"},
+                status=401, headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
+            )
+        drain = self._drain
+        drain.trigger(f"{request.method} /drain")
+        if request.query.get("wait", "true").lower() in ("false", "0", "no"):
+            return web.json_response(_summary(drain), status=202)
+        self._waiters += 1
+        self._answered.clear()
+        try:
+            await drain.wait_drained()
+            return web.json_response(_summary(drain))
+        finally:
+            self._waiters -= 1
+            if self._waiters == 0:
+                # Let the response be written before stop() may close the listener.
+                asyncio.get_running_loop().call_soon(self._answered.set)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        assert self._token is not None
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
+
+
+def _summary(drain: Drain) -> dict[str, Any]:
+    return dataclasses.asdict(drain.summary())

@@ -1,0 +1,64 @@
+"""Header rules of a forwarding proxy, as pure functions over (name, value) pairs.
+
+RFC 9110 section 7.6.1: Connection, every header it names, and the classic
+hop-by-hop set are not forwarded.  Requests gain the X-Forwarded-* headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ("HOP_BY_HOP", "request_headers", "response_headers")
+
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+# Also not forwarded upstream: we answer Expect: 100-continue ourselves, and we set these.
+_REQUEST_DROP = HOP_BY_HOP | {"expect", "x-forwarded-proto", "x-forwarded-host"}
+
+
+def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(","))
+    return frozenset(named)
+
+
+def _filter(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
+) -> Iterable[tuple[str, str]]:
+    if "Connection" in headers:
+        drop = drop | _named_by_connection(headers)
+    return ((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def request_headers(
+    headers: CIMultiDictProxy[str], *, client: str | None, proto: str = "http"
+) -> CIMultiDict[str]:
+    """Headers to send upstream: end-to-end ones as received, plus X-Forwarded-*."""
+    out: CIMultiDict[str] = CIMultiDict(_filter(headers, _REQUEST_DROP))
+    if client:
+        prior = ", ".join(out.getall("X-Forwarded-For", ()))
+        out["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
+    out["X-Forwarded-Proto"] = proto
+    host = headers.get("Host")
+    if host is not None:
+        out["X-Forwarded-Host"] = host
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """Headers to send to the client: the upstream's, minus hop-by-hop ones."""
+    return list(_filter(headers, HOP_BY_HOP))

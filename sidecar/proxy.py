@@ -1,0 +1,302 @@
+"""Forwarding: one request or websocket, streamed both ways, tracked as a Flight.
+
+The proxy listener is aiohttp's low-level ``web.Server`` (no router, no
+middlewares) bound with ``loop.create_server`` so the server socket is ours to
+close when admission stops.  Upstream traffic goes through one pooled
+``ClientSession``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
+
+from .config import Config
+from .drain import Drain, Flight
+from .headers import request_headers, response_headers
+from .log import access_logger
+from .metrics import Metrics
+from .websocket import relay_websocket
+
+__all__ = ("Proxy",)
+
+CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
+
+
+class ProxyResponse(web.StreamResponse):
+    """A response that adds nothing the upstream did not send but Date.
+
+    aiohttp fills in ``Content-Type: application/octet-stream`` and its own
+    ``Server`` when they are missing; a proxy must pass the upstream's headers as
+    they are.
+    """
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_type = "Content-Type" in headers
+        had_server = "Server" in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.pop("Content-Type", None)
+        if not had_server:
+            headers.pop("Server", None)
+
+
+class _RequestFlight(Flight):
+    __slots__ = ("task", "request")
+
+    def __init__(self, request: web.BaseRequest, started: float, task: asyncio.Task[object]) -> None:
+        super().__init__(request.method, request.raw_path, started, self._abort)
+        self.task = task
+        self.request = request
+
+    def _abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        self.task.cancel()
+
+
+class Proxy:
+    """The proxy listener and the upstream client, wired to the drain."""
+
+    def __init__(self, config: Config, *, drain: Drain, metrics: Metrics) -> None:
+        self._config = config
+        self._drain = drain
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        up = config.upstream
+        self._base = "http://localhost" if up.unix_path else up.url
+        self._timeout = aiohttp.ClientTimeout(
+            total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
+        )
+        self._retry_after = str(config.drain.retry_after)
+        self._access_log = config.logging.access_log
+        self._websockets_close = config.drain.websockets == "close"
+        self._session: aiohttp.ClientSession | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._busy: dict[RequestHandler, int] = {}
+        self.websockets: set[web.WebSocketResponse] = set()
+        self.web_server = web.Server(
+            self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        up = self._config.upstream
+        connector: aiohttp.BaseConnector
+        if up.unix_path:
+            connector = aiohttp.UnixConnector(path=up.unix_path, limit=up.max_connections)
+        else:
+            connector = aiohttp.TCPConnector(limit=up.max_connections, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+    async def listen(self) -> int:
+        """Bind the proxy listener; return the port (useful with port 0)."""
+        addr = self._config.listen
+        self._listener = await self._loop.create_server(
+            self.web_server, addr.host, addr.port, reuse_address=True, backlog=1024
+        )
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self.web_server.connections)
+
+    async def stop_admission(self) -> None:
+        """Stop accepting, close connections with no request in progress, end websockets."""
+        if self._listener is not None:
+            self._listener.close()
+        self.close_idle()
+        if self._websockets_close:
+            await asyncio.gather(
+                *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"going away")
+                  for ws in list(self.websockets)),
+                return_exceptions=True,
+            )
+
+    def close_idle(self) -> int:
+        """Close every connection that is idle or still receiving a request's head."""
+        closed = 0
+        for conn in self.web_server.connections:
+            if conn in self._busy or getattr(conn, "_messages", None):
+                continue
+            conn.force_close()
+            closed += 1
+        return closed
+
+    async def close(self) -> None:
+        for conn in self.web_server.connections:
+            conn.force_close()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- one request ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        drain = self._drain
+        if not drain.admitting:
+            return self._reject(request, "draining")
+        if drain.state.value == "starting":
+            return self._reject(request, "starting")
+
+        loop = self._loop
+        started = loop.time()
+        flight = _RequestFlight(request, started, asyncio.current_task())  # type: ignore[arg-type]
+        drain.add(flight)
+        conn = request.protocol
+        busy = self._busy
+        busy[conn] = busy.get(conn, 0) + 1
+        status = CLIENT_CLOSED
+        resp: web.StreamResponse | None = None
+        try:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                resp, status = await self._websocket(request)
+            else:
+                resp, status = await self._forward(request)
+            return resp
+        finally:
+            if busy[conn] == 1:
+                del busy[conn]
+            else:
+                busy[conn] -= 1
+            drain.done(flight)
+            if drain.closing_connections and resp is not None and not getattr(conn, "_messages", None):
+                # Admission has stopped: the connection ends with this response.
+                resp.force_close()
+            elapsed = loop.time() - started
+            self._metrics.request_done(request.method, status, elapsed)
+            if self._access_log:
+                _log_access(request, status, elapsed)
+
+    def _reject(self, request: web.BaseRequest, reason: str) -> web.Response:
+        if reason == "draining":
+            self._metrics.rejected_draining.inc()
+            self._drain.rejected()
+            text = "503 the server is shutting down; retry on another connection\n"
+        else:
+            self._metrics.rejected_starting.inc()
+            text = "503 the upstream is not ready yet\n"
+        resp = web.Response(
+            status=503, text=text,
+            headers={"Retry-After": self._retry_after if reason == "draining" else "1"},
+        )
+        resp.force_close()
+        if self._access_log:
+            _log_access(request, 503, 0.0)
+        return resp
+
+    def _url(self, request: web.BaseRequest) -> URL:
+        target = request.raw_path
+        if not target.startswith("/"):  # absolute-form request target
+            target = URL(target).raw_path_qs
+        return URL(self._base + target, encoded=True)
+
+    async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
+        session = self._session
+        assert session is not None
+        body = None
+        if request.body_exists:
+            body = request.content
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        headers = request_headers(request.headers, client=request.remote)
+        resp: ProxyResponse | None = None
+        try:
+            async with session.request(
+                request.method, self._url(request), headers=headers, data=body,
+                allow_redirects=False, compress=None, chunked=None,
+            ) as up:
+                resp = ProxyResponse(status=up.status, reason=up.reason)
+                resp.headers.extend(response_headers(up.headers))
+                if self._drain.triggered:
+                    resp.force_close()
+                await resp.prepare(request)
+                content = up.content
+                while chunk := await content.readany():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp, up.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if resp is not None and resp.prepared:
+                # Headers are out: cut the connection so the client never takes a
+                # truncated body for a complete one.
+                self._count_error(exc)
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                return resp, resp.status
+            if isinstance(exc, ConnectionResetError) and request.transport is None:
+                raise  # the client went away; nothing to answer
+            resp = self._error_response(exc)
+            return resp, resp.status
+
+    def _count_error(self, exc: BaseException) -> str:
+        if isinstance(exc, aiohttp.ClientConnectorError) or isinstance(
+            exc, aiohttp.ConnectionTimeoutError
+        ):
+            kind = "connect"
+        elif isinstance(exc, TimeoutError):
+            kind = "timeout"
+        else:
+            kind = "reset"
+        self._metrics.upstream_errors.labels(kind).inc()
+        return kind
+
+    def _error_response(self, exc: BaseException) -> web.Response:
+        kind = self._count_error(exc)
+        if kind == "timeout":
+            status, text = 504, "504 upstream timed out\n"
+        elif kind == "connect":
+            status, text = 502, "502 upstream unreachable\n"
+        else:
+            status, text = 502, "502 upstream closed the connection\n"
+        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)}})
+        resp = web.Response(status=status, text=text)
+        if self._drain.triggered:
+            resp.force_close()
+        return resp
+
+    async def _websocket(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
+        session = self._session
+        assert session is not None
+        headers = request_headers(request.headers, client=request.remote)
+        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+                     "Sec-WebSocket-Protocol", "Content-Length"):
+            headers.popall(name, None)
+        try:
+            return await relay_websocket(
+                request, session, self._url(request), headers,
+                track=self.websockets,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.WSServerHandshakeError):
+                resp = web.Response(status=exc.status, text=f"{exc.status} {exc.message}\n")
+                return resp, exc.status
+            resp = self._error_response(exc)
+            return resp, resp.status
+
+
+logger = logging.getLogger("sidecar")
+
+
+def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:
+    access_logger.info(
+        "%s %s %d", request.method, request.raw_path, status,
+        extra={"fields": {"method": request.method, "path": request.raw_path, "status": status,
+                          "duration_ms": round(seconds * 1000, 3), "client": request.remote}},
+    )
+
