@@ -38,6 +38,7 @@ class Child:
 
     def start(self) -> None:
         """Spawn the child; raises OSError (with the reason) if it cannot be started."""
+        _become_subreaper()
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for sig in FORWARDED_SIGNALS:
             self._loop.add_signal_handler(sig, self.send, sig)
@@ -88,3 +89,14 @@ class Child:
             self.send(signal.SIGKILL)
             code = await asyncio.wait_for(self.wait(), 5.0)
             return {**result, "outcome": f"killed after {wait}s", "exit_code": code}
+
+
+def _become_subreaper() -> None:
+    """Adopt the app's orphaned descendants (as PID 1 does) so they are reaped too."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass

@@ -136,10 +136,9 @@ def _positive_duration(value: Any) -> float:
 def format_duration(seconds: float) -> str:
     if seconds == 0:
         return "0s"
-    if seconds < 1 or seconds != int(seconds):
-        ms = round(seconds * 1000, 3)
-        return f"{ms:g}ms"
-    return f"{int(seconds)}s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    return f"{round(seconds, 3):g}s"
 
 
 def _address(value: Any) -> Address:

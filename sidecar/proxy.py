@@ -26,6 +26,7 @@ from .websocket import relay_websocket
 __all__ = ("Proxy",)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
+FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once closing
 
 
 class ProxyResponse(web.StreamResponse):
@@ -128,15 +129,27 @@ class Proxy:
                 return_exceptions=True,
             )
 
-    def close_idle(self) -> int:
-        """Close every connection that is idle or still receiving a request's head."""
-        closed = 0
+    def close_idle(self) -> None:
+        """Close connections with no request in progress.
+
+        A connection that has carried requests and sits idle, or holds a partly
+        received request, is closed at once.  One accepted but still silent gets
+        ``FRESH_GRACE`` seconds: its request is most likely on the wire, and a clear
+        503 beats a reset that leaves the client unsure whether it was processed.
+        """
         for conn in self.web_server.connections:
-            if conn in self._busy or getattr(conn, "_messages", None):
-                continue
+            if self._is_idle(conn):
+                if getattr(conn, "_request_count", 1) == 0:
+                    self._loop.call_later(FRESH_GRACE, self._close_if_idle, conn)
+                else:
+                    conn.force_close()
+
+    def _is_idle(self, conn: RequestHandler) -> bool:
+        return conn not in self._busy and not getattr(conn, "_messages", None)
+
+    def _close_if_idle(self, conn: RequestHandler) -> None:
+        if self._is_idle(conn):
             conn.force_close()
-            closed += 1
-        return closed
 
     async def close(self) -> None:
         for conn in self.web_server.connections:
