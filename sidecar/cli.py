@@ -100,12 +100,13 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
     log.setup(level=config.logging.level, fmt=config.logging.format)
     loop_factory = None
-    try:
-        import uvloop
+    if command is None:  # wrap mode reaps children on SIGCHLD, which uvloop keeps for itself
+        try:
+            import uvloop
 
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(server.run(config, command=command))

@@ -152,6 +152,11 @@ class Drain:
             return False
         self._trigger_reason = reason
         self._triggered.set()
+        # Readiness fails and Connection: close starts now, not on the next loop turn.
+        self._started_at = self._clock()
+        self._metrics.drain_started.set(time.time())
+        self._in_flight_at_trigger = len(self._flights)
+        self._enter(State.DRAINING, trigger=reason, in_flight=len(self._flights))
         return True
 
     def deadline_now(self) -> None:
@@ -189,10 +194,7 @@ class Drain:
         6. ``drained``: callers of /drain get their answer.
         """
         await self._triggered.wait()
-        self._started_at = self._clock()
-        self._metrics.drain_started.set(time.time())
-        self._in_flight_at_trigger = len(self._flights)
-        self._enter(State.DRAINING, trigger=self._trigger_reason, in_flight=len(self._flights))
+        assert self._started_at is not None
 
         await _first_of(self._skip_delay.wait(), timeout=self._delay)
 
@@ -202,6 +204,8 @@ class Drain:
         await stop_admission()
 
         await _first_of(self._idle.wait(), self._deadline.wait(), timeout=self._timeout)
+        logger.info("in-flight requests done", extra={"fields": {
+            "left_to_abort": len(self._flights), "completed": self._completed}})
         self._abort_all()
 
         self._exit = await exit_upstream()

@@ -39,7 +39,10 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     metrics.watch(in_flight=lambda: len(drain), connections=lambda: proxy.connections,
                   websockets=lambda: len(proxy.websockets))
 
-    # 1. Bind both listeners (a clear error if a port is taken) and start the child.
+    # 1. Take the stop signals first, then bind both listeners (a clear error if a port
+    #    is taken) and start the child.
+    finished = asyncio.Event()  # a signal after drained ends the linger at once
+    _install_signals(drain, finished)
     await proxy.start()
     try:
         admin_port = await admin.start()
@@ -63,9 +66,7 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     if not gating:
         drain.mark_serving()
 
-    # 2. Triggers: signals, /drain (in admin), and the child dying on its own.
-    finished = asyncio.Event()  # a signal after drained ends the linger at once
-    _install_signals(drain, finished)
+    # 2. Triggers: signals (above), /drain (in admin), and the child dying on its own.
     tasks = [asyncio.create_task(health.run())]
     if child is not None:
         tasks.append(asyncio.create_task(_watch_child(child, drain)))
@@ -73,8 +74,13 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     # 3. The drain timeline, then the upstream exit.
     async def tell_upstream() -> dict[str, Any]:
         if child is not None:
-            return await child.stop(config.exit.signal, config.exit.wait)
-        return await exit_upstream(config.exit, config.upstream)
+            outcome = await child.stop(config.exit.signal, config.exit.wait)
+        else:
+            outcome = await exit_upstream(config.exit, config.upstream)
+        fine = outcome["outcome"] in ("exited", "nothing configured", "already exited")
+        (logger.info if fine else logger.warning)(
+            "upstream exit: %s", outcome["outcome"], extra={"fields": outcome})
+        return outcome
 
     try:
         await drain.run(stop_admission=proxy.stop_admission, exit_upstream=tell_upstream)

@@ -34,8 +34,6 @@ async def exit_upstream(cfg: ExitConfig, upstream: UpstreamConfig) -> dict[str, 
         outcome = await _by_http(cfg, upstream)
     else:
         outcome = {"action": "none", "outcome": "nothing configured"}
-    level = logger.info if outcome["outcome"] in ("exited", "nothing configured") else logger.warning
-    level("upstream exit: %s", outcome["outcome"], extra={"fields": outcome})
     return outcome
 
 
@@ -111,12 +109,12 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> list[int]:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
-            logger.warning("upstream exit: no such process", extra={"fields": {"pid": pid}})
+            logger.warning("no such upstream process", extra={"fields": {"pid": pid}})
         except PermissionError:
-            logger.warning("upstream exit: not permitted to signal",
+            logger.warning("not permitted to signal the upstream",
                            extra={"fields": {"pid": pid, "signal": sig.name}})
         else:
-            logger.info("upstream exit: signalled", extra={"fields": {"pid": pid, "signal": sig.name}})
+            logger.info("signalled upstream process", extra={"fields": {"pid": pid, "signal": sig.name}})
             sent.append(pid)
     return sent
 
