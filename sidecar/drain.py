@@ -30,15 +30,17 @@ class State(str, enum.Enum):
 
 
 class Flight:
-    """One request in progress; ``abort`` cuts it off (client and upstream)."""
+    """One request in progress; ``abort()`` cuts it off (client and upstream)."""
 
-    __slots__ = ("method", "path", "started", "abort")
+    __slots__ = ("method", "path", "started")
 
-    def __init__(self, method: str, path: str, started: float, abort: Callable[[], None]) -> None:
+    def __init__(self, method: str, path: str, started: float) -> None:
         self.method = method
         self.path = path
         self.started = started
-        self.abort = abort
+
+    def abort(self) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Drain:
         self._duration: float | None = None
         self._exit: dict[str, Any] = {}
         # Read on every request: plain attributes, not properties of the state.
-        self.admitting = True
+        self.forwarding = False  # serving or draining
+        self.admitting = True  # until closing
         self.closing_connections = False
 
     # --- state -----------------------------------------------------------------------------
@@ -110,6 +113,7 @@ class Drain:
 
     def _enter(self, state: State, **fields: Any) -> None:
         self._state = state
+        self.forwarding = state in (State.SERVING, State.DRAINING)
         self._metrics.set_state(state.value)
         if self._started_at is not None:
             self._phase_at[state.value] = round(self._clock() - self._started_at, 3)

@@ -34,8 +34,11 @@ class ProxyResponse(web.StreamResponse):
 
     aiohttp fills in ``Content-Type: application/octet-stream`` and its own
     ``Server`` when they are missing; a proxy must pass the upstream's headers as
-    they are.
+    they are.  The head is held until the first body bytes so that both leave in
+    one write (``_forward`` flushes it at once for a stream that has nothing yet).
     """
+
+    _send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
@@ -49,18 +52,19 @@ class ProxyResponse(web.StreamResponse):
 
 
 class _RequestFlight(Flight):
-    __slots__ = ("task", "request")
+    __slots__ = ("request",)
 
-    def __init__(self, request: web.BaseRequest, started: float, task: asyncio.Task[object]) -> None:
-        super().__init__(request.method, request.raw_path, started, self._abort)
-        self.task = task
+    def __init__(self, request: web.BaseRequest, started: float) -> None:
+        super().__init__(request.method, request.raw_path, started)
         self.request = request
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Cut the client connection; the handler task is cancelled, and the upstream
+        request with it."""
         transport = self.request.transport
         if transport is not None:
             transport.abort()
-        self.task.cancel()
+        self.request.task.cancel()
 
 
 class Proxy:
@@ -161,14 +165,12 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         drain = self._drain
-        if not drain.admitting:
-            return self._reject(request, "draining")
-        if drain.state.value == "starting":
-            return self._reject(request, "starting")
+        if not drain.forwarding:
+            return self._reject(request, "draining" if drain.triggered else "starting")
 
         loop = self._loop
         started = loop.time()
-        flight = _RequestFlight(request, started, asyncio.current_task())  # type: ignore[arg-type]
+        flight = _RequestFlight(request, started)
         drain.add(flight)
         conn = request.protocol
         busy = self._busy
@@ -237,8 +239,16 @@ class Proxy:
                 resp.headers.extend(response_headers(up.headers))
                 if self._drain.triggered:
                     resp.force_close()
-                await resp.prepare(request)
+                writer = await resp.prepare(request)  # the head waits for the first body bytes
                 content = up.content
+                chunk = content.read_nowait()
+                if content.at_eof():  # the whole body is here: one write for head and body
+                    await resp.write_eof(chunk)
+                    return resp, up.status
+                if chunk:
+                    await resp.write(chunk)
+                elif writer is not None:  # a stream with nothing to say yet: the head goes now
+                    writer.send_headers()  # type: ignore[attr-defined]
                 while chunk := await content.readany():
                     await resp.write(chunk)
                 await resp.write_eof()

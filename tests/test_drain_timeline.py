@@ -13,10 +13,10 @@ class FakeFlight(Flight):
     """A request stand-in that records whether it was aborted."""
 
     def __init__(self, path: str) -> None:
-        super().__init__("GET", path, 0.0, self._abort)
+        super().__init__("GET", path, 0.0)
         self.aborted = False
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.aborted = True
 
 

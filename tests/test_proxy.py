@@ -280,3 +280,13 @@ async def test_in_flight_counts_a_websocket_until_it_closes(proxied, client) -> 
             break
         await asyncio.sleep(0.02)
     assert await _metric(client, proxied.admin, "sidecar_websockets_open") == 0
+
+
+async def test_websocket_lives_longer_than_the_upstream_timeout(start_sidecar: StartSidecar, upstream, client) -> None:
+    """upstream.timeout bounds an HTTP exchange, not a websocket's lifetime."""
+    sidecar = await start_sidecar({"upstream": {"timeout": "300ms"}}, upstream=upstream_url(upstream))
+    async with client.ws_connect(sidecar.url + "/ws") as ws:
+        for i in range(8):  # ~0.8 s in all, well past the 300 ms timeout
+            await ws.send_str(f"m{i}")
+            assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
+            await asyncio.sleep(0.1)
