@@ -15,7 +15,7 @@ import subprocess
 
 from .log import logger
 
-__all__ = ("Child", "FORWARDED_SIGNALS")
+__all__ = ("FORWARDED_SIGNALS", "Child")
 
 # Passed straight to the child; SIGTERM and SIGINT start the drain instead.
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT, signal.SIGWINCH)

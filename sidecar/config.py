@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 __all__ = (
     "Address",
@@ -143,7 +143,7 @@ def format_duration(seconds: float) -> str:
 
 def _address(value: Any) -> Address:
     if not isinstance(value, str):
-        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")
+        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")  # noqa: TRY004 - every config problem is a ValueError
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")
@@ -159,7 +159,7 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
+            raise ValueError(f"expected a whole number, got {value!r}")  # noqa: TRY004
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
@@ -494,4 +494,5 @@ def to_yaml(config: Config) -> str:
         },
         "logging": {"level": lg.level, "format": lg.format, "access_log": lg.access_log},
     }
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    text: str = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return text

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ("setup", "logger", "access_logger")
+__all__ = ("access_logger", "logger", "setup")
 
 logger = logging.getLogger("sidecar")
 access_logger = logging.getLogger("sidecar.access")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ("Metrics", "DRAIN_STATES")
+__all__ = ("DRAIN_STATES", "Metrics")
 
 DRAIN_STATES = ("starting", "serving", "draining", "closing", "drained")
 # Web latency from 5 ms to 60 s.

@@ -248,7 +248,7 @@ class Proxy:
                 if chunk:
                     await resp.write(chunk)
                 elif writer is not None:  # a stream with nothing to say yet: the head goes now
-                    writer.send_headers()  # type: ignore[attr-defined]
+                    writer.send_headers()
                 while chunk := await content.readany():
                     await resp.write(chunk)
                 await resp.write_eof()
@@ -264,13 +264,11 @@ class Proxy:
                 return resp, resp.status
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 raise  # the client went away; nothing to answer
-            resp = self._error_response(exc)
-            return resp, resp.status
+            error = self._error_response(exc)
+            return error, error.status
 
     def _count_error(self, exc: BaseException) -> str:
-        if isinstance(exc, aiohttp.ClientConnectorError) or isinstance(
-            exc, aiohttp.ConnectionTimeoutError
-        ):
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
             kind = "connect"
         elif isinstance(exc, TimeoutError):
             kind = "timeout"

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, free_port
 def sidecar(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, check=False,
                           env=full_env, timeout=timeout, cwd=ROOT)
 
 

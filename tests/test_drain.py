@@ -123,7 +123,7 @@ async def test_request_on_a_surviving_connection_gets_503_with_retry_after_and_i
     await sidecar.wait_log("state closing")
     await go(client, upstream, "p1")
     assert (await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)).endswith(b"0\r\n\r\n")
-    status, headers, body = await read_response(reader)
+    status, headers, _ = await read_response(reader)
     assert status == "HTTP/1.1 503 Service Unavailable"
     assert headers["retry-after"] == "5" and headers["connection"] == "close"
     assert await asyncio.wait_for(reader.read(), 5) == b""  # and the connection closes
@@ -305,7 +305,7 @@ async def test_drain_state_metrics_follow_the_lifecycle(start_sidecar: StartSide
     assert during['sidecar_drain_state{state="draining"}'] == 1
     assert during['sidecar_drain_state{state="serving"}'] == 0
     assert abs(during["sidecar_drain_started_timestamp_seconds"] - time.time()) < 30
-    status, body = await get_json(client, sidecar.admin + "/status")
+    _, body = await get_json(client, sidecar.admin + "/status")
     assert body["state"] == "draining" and body["drain"]["trigger"] == "SIGTERM"
     sidecar.send(signal.SIGINT)
     assert await sidecar.wait_exit() == 0

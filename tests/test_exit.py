@@ -48,7 +48,7 @@ async def test_exit_pid_file_signals_the_app_after_the_drain(start_sidecar: Star
 
 async def test_exit_process_regex_signals_every_match_but_never_the_sidecar(
         start_sidecar: StartSidecar, tmp_path: Path) -> None:
-    app, port, events = await start_upstream_process(tmp_path)
+    app, port, _ = await start_upstream_process(tmp_path)
     sidecar = await start_sidecar({**FAST, "exit": {"process": f"upstream\\.py --port {port}\\b", "wait": "5s"}},
                                   upstream=f"http://127.0.0.1:{port}")
     sidecar.send(signal.SIGTERM)
@@ -60,7 +60,7 @@ async def test_exit_process_regex_signals_every_match_but_never_the_sidecar(
 
 async def test_exit_http_calls_quitquitquit_and_waits_for_the_port_to_close(
         start_sidecar: StartSidecar, tmp_path: Path) -> None:
-    app, port, events = await start_upstream_process(tmp_path)
+    app, port, _ = await start_upstream_process(tmp_path)
     url = f"http://127.0.0.1:{port}"
     sidecar = await start_sidecar({**FAST, "exit": {"http": {"url": url + "/quitquitquit"}, "wait": "5s"}},
                                   upstream=url)
@@ -159,9 +159,11 @@ async def test_wrap_mode_drains_at_once_when_the_child_dies_and_exits_with_its_c
     sidecar = await start_sidecar({"drain": {"delay": "20s", "timeout": "5s"}}, upstream=f"http://127.0.0.1:{port}",
                                   command=_wrap(port, tmp_path / "e.jsonl", "--exit-code", "7"))
     await sidecar.wait_log("state serving")
-    async with aiohttp.ClientSession() as client:
-        async with client.post(f"http://127.0.0.1:{port}/quitquitquit") as resp:  # the app quits by itself
-            assert resp.status == 200
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(f"http://127.0.0.1:{port}/quitquitquit") as resp,  # the app quits by itself
+    ):
+        assert resp.status == 200
     assert await sidecar.wait_exit(timeout=10) == 7  # without waiting out the 20s delay
     assert (await sidecar.wait_log("state draining"))["trigger"] == "child exited"
 
