@@ -27,6 +27,9 @@ __all__ = ("Proxy",)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
 FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once closing
+# Idle pooled upstream connections are dropped before common app servers drop them
+# (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
+UPSTREAM_IDLE = 4.0
 
 
 class ProxyResponse(web.StreamResponse):
@@ -97,9 +100,10 @@ class Proxy:
         up = self._config.upstream
         connector: aiohttp.BaseConnector
         if up.unix_path:
-            connector = aiohttp.UnixConnector(path=up.unix_path, limit=up.max_connections)
+            connector = aiohttp.UnixConnector(path=up.unix_path, limit=up.max_connections,
+                                              keepalive_timeout=UPSTREAM_IDLE)
         else:
-            connector = aiohttp.TCPConnector(limit=up.max_connections, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -285,7 +289,7 @@ class Proxy:
             status, text = 502, "502 upstream unreachable\n"
         else:
             status, text = 502, "502 upstream closed the connection\n"
-        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)}})
+        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)[:300]}})
         resp = web.Response(status=status, text=text)
         if self._drain.triggered:
             resp.force_close()

@@ -290,3 +290,69 @@ async def test_websocket_lives_longer_than_the_upstream_timeout(start_sidecar: S
             await ws.send_str(f"m{i}")
             assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
             await asyncio.sleep(0.1)
+
+
+CONTRACT_METRICS = (
+    "sidecar_requests_in_flight", "sidecar_requests_total", "sidecar_request_duration_seconds",
+    "sidecar_requests_rejected_total", "sidecar_requests_aborted_total", "sidecar_upstream_errors_total",
+    "sidecar_connections_open", "sidecar_websockets_open", "sidecar_drain_state",
+    "sidecar_drain_started_timestamp_seconds", "sidecar_drain_duration_seconds", "sidecar_upstream_up",
+)
+
+
+async def test_every_contract_metric_exists_from_startup(proxied, client) -> None:
+    async with client.get(proxied.admin + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    declared = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")}
+    for name in CONTRACT_METRICS:
+        assert name in declared or name.removesuffix("_total") in declared, name
+    assert 'sidecar_drain_state{state="serving"} 1.0' in text
+    assert 'sidecar_drain_state{state="draining"} 0.0' in text
+    assert 'sidecar_requests_rejected_total{reason="draining"} 0.0' in text
+    assert 'sidecar_requests_aborted_total{reason="drain_timeout"} 0.0' in text
+    for kind in ("connect", "timeout", "reset"):
+        assert f'sidecar_upstream_errors_total{{kind="{kind}"}} 0.0' in text
+    assert 'sidecar_request_duration_seconds_bucket{le="0.005",method="GET"}' in text
+    assert 'sidecar_request_duration_seconds_bucket{le="60.0",method="GET"}' in text
+
+
+async def test_admin_traffic_is_not_counted_in_request_metrics(proxied, client) -> None:
+    for path in ("/readyz", "/healthz", "/status", "/metrics"):
+        async with client.get(proxied.admin + path) as resp:
+            await resp.read()
+    assert await _metric(client, proxied.admin, 'sidecar_request_duration_seconds_count{method="GET"}') == 0
+
+
+async def test_readyz_is_503_starting_until_the_health_path_answers_2xx(
+        start_sidecar: StartSidecar, upstream, client) -> None:
+    sidecar = await start_sidecar({"upstream": {"health_path": "/status/503", "health_interval": "100ms"}},
+                                  upstream=upstream_url(upstream))
+    async with client.get(sidecar.admin + "/readyz") as resp:
+        body = await resp.json()
+        assert resp.status == 503 and body["state"] == "starting" and body["reason"]
+    assert await _metric(client, sidecar.admin, "sidecar_upstream_up") == 0
+    healthy = await start_sidecar({"upstream": {"health_path": "/status/204"}}, upstream=upstream_url(upstream))
+    await healthy.wait_log("state serving")
+    async with client.get(healthy.admin + "/readyz") as resp:
+        assert resp.status == 200
+    assert await _metric(client, healthy.admin, "sidecar_upstream_up") == 1
+
+
+async def test_access_log_and_text_format(start_sidecar: StartSidecar, upstream, client) -> None:
+    sidecar = await start_sidecar({"logging": {"access_log": True, "format": "text"}},
+                                  upstream=upstream_url(upstream), wait=None)
+    for _ in range(200):
+        if any("sidecar started" in line for line in sidecar.raw):
+            break
+        await asyncio.sleep(0.02)
+    start = next(line for line in sidecar.raw if "sidecar started" in line)
+    assert f"listen=127.0.0.1:{sidecar.port}" in start and "upstream=http://127.0.0.1:" in start
+    async with client.get(sidecar.url + "/headers?q=1") as resp:
+        assert resp.status == 200
+    for _ in range(200):
+        if any("GET /headers?q=1 200" in line for line in sidecar.raw):
+            break
+        await asyncio.sleep(0.02)
+    line = next(line for line in sidecar.raw if "GET /headers?q=1 200" in line)
+    assert "status=200" in line and "duration_ms=" in line

@@ -93,7 +93,7 @@ async def bytes_(request: web.Request) -> web.StreamResponse:
         resp.content_length = n
     await resp.prepare(request)
     block = bytes(range(256)) * 256  # 64 KiB
-    sent = 0
+    sent = n if request.method == "HEAD" else 0
     while sent < n:
         piece = block[: min(len(block), n - sent)]
         await resp.write(piece)
