@@ -204,8 +204,8 @@ class Drain:
 
         self.admitting = False
         self.closing_connections = True
-        self._enter(State.CLOSING, in_flight=len(self._flights))
         await stop_admission()
+        self._enter(State.CLOSING, in_flight=len(self._flights))
 
         await _first_of(self._idle.wait(), self._deadline.wait(), timeout=self._timeout)
         logger.info("in-flight requests done", extra={"fields": {

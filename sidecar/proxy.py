@@ -89,6 +89,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._busy: dict[RequestHandler, int] = {}
+        self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
         self.web_server = web.Server(
             self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
@@ -129,13 +130,15 @@ class Proxy:
         """Stop accepting, close connections with no request in progress, end websockets."""
         if self._listener is not None:
             self._listener.close()
+            await asyncio.sleep(0)  # uvloop closes the socket on the next loop turn
         self.close_idle()
         if self._websockets_close:
-            await asyncio.gather(
-                *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"going away")
-                  for ws in list(self.websockets)),
-                return_exceptions=True,
-            )
+            for ws in list(self.websockets):
+                # Not awaited: each relay ends (and leaves the in-flight set) on its own.
+                task = asyncio.ensure_future(
+                    ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"going away"))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def close_idle(self) -> None:
         """Close connections with no request in progress.
