@@ -20,7 +20,7 @@ access_logger = logging.getLogger("sidecar.access")
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
