@@ -142,6 +142,9 @@ def format_duration(seconds: float) -> str:
 
 
 def _address(value: Any) -> Address:
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.isdigit()):
+        value = f"0.0.0.0:{value}"  # a bare port listens on every interface
     if not isinstance(value, str):
         raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")  # noqa: TRY004 - every config problem is a ValueError
     host, sep, port_text = value.rpartition(":")
