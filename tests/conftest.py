@@ -173,18 +173,33 @@ def upstream_events(server: TestServer) -> list[dict[str, Any]]:
     return list(server.app[EVENTS])
 
 
-async def start_upstream_process(
-    tmp_path: Path, *extra: str, port: int | None = None
-) -> tuple[asyncio.subprocess.Process, int, Path]:
-    """The upstream app as its own process (for exit modes); returns (proc, port, events file)."""
-    port = port or free_port()
-    events = tmp_path / f"events-{port}.jsonl"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, UPSTREAM_APP, "--port", str(port), "--events", str(events), *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-    )
-    await wait_port(port)
-    return proc, port, events
+StartUpstream = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, int, Path]]]
+
+
+@pytest.fixture
+async def start_upstream_process(tmp_path: Path) -> AsyncIterator[StartUpstream]:
+    """The upstream app as its own process (for exit modes); returns (proc, port, events file).
+
+    Whatever is still running at the end of the test is killed.
+    """
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*extra: str) -> tuple[asyncio.subprocess.Process, int, Path]:
+        port = free_port()
+        events = tmp_path / f"events-{port}.jsonl"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, UPSTREAM_APP, "--port", str(port), "--events", str(events), *extra,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        procs.append(proc)
+        await wait_port(port)
+        return proc, port, events
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -13,9 +13,9 @@ import aiohttp
 from tests.conftest import (
     UPSTREAM_APP,
     StartSidecar,
+    StartUpstream,
     free_port,
     read_events,
-    start_upstream_process,
     upstream_url,
 )
 
@@ -30,8 +30,9 @@ async def _in_flight_done_at(sidecar) -> float:  # type: ignore[no-untyped-def]
     return float((await sidecar.wait_log("in-flight requests done"))["ts"])
 
 
-async def test_exit_pid_file_signals_the_app_after_the_drain(start_sidecar: StartSidecar, tmp_path: Path) -> None:
-    app, port, events = await start_upstream_process(tmp_path)
+async def test_exit_pid_file_signals_the_app_after_the_drain(
+        start_sidecar: StartSidecar, start_upstream_process: StartUpstream, tmp_path: Path) -> None:
+    app, port, events = await start_upstream_process()
     pid_file = tmp_path / "app.pid"
     pid_file.write_text(f"{app.pid}\n")
     sidecar = await start_sidecar({**FAST, "exit": {"pid_file": str(pid_file), "wait": "5s"}},
@@ -47,8 +48,8 @@ async def test_exit_pid_file_signals_the_app_after_the_drain(start_sidecar: Star
 
 
 async def test_exit_process_regex_signals_every_match_but_never_the_sidecar(
-        start_sidecar: StartSidecar, tmp_path: Path) -> None:
-    app, port, _ = await start_upstream_process(tmp_path)
+        start_sidecar: StartSidecar, start_upstream_process: StartUpstream) -> None:
+    app, port, _ = await start_upstream_process()
     sidecar = await start_sidecar({**FAST, "exit": {"process": f"upstream\\.py --port {port}\\b", "wait": "5s"}},
                                   upstream=f"http://127.0.0.1:{port}")
     sidecar.send(signal.SIGTERM)
@@ -59,8 +60,8 @@ async def test_exit_process_regex_signals_every_match_but_never_the_sidecar(
 
 
 async def test_exit_http_calls_quitquitquit_and_waits_for_the_port_to_close(
-        start_sidecar: StartSidecar, tmp_path: Path) -> None:
-    app, port, _ = await start_upstream_process(tmp_path)
+        start_sidecar: StartSidecar, start_upstream_process: StartUpstream) -> None:
+    app, port, _ = await start_upstream_process()
     url = f"http://127.0.0.1:{port}"
     sidecar = await start_sidecar({**FAST, "exit": {"http": {"url": url + "/quitquitquit"}, "wait": "5s"}},
                                   upstream=url)
