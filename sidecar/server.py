@@ -73,6 +73,7 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
 
     # 3. The drain timeline, then the upstream exit.
     async def tell_upstream() -> dict[str, Any]:
+        tasks[0].cancel()  # the app is about to go away: no more health probes or warnings
         if child is not None:
             outcome = await child.stop(config.exit.signal, config.exit.wait)
         else:
