@@ -1,0 +1,232 @@
+"""Helpers shared by bench/throughput.py and bench/drain.py.
+
+Adapted from our team's yardstick kit (shared/bench/benchlib.py), trimmed to what the
+project's benchmarks need, so bench/ has no run-time dependency outside the project.
+
+Process hygiene: every server is started with start_new_session=True, so its PID is also
+the id of a process group holding only it and its own children (nginx workers).  Stopping
+means a signal to that PID, then SIGKILL to that group if it does not exit in time; never
+anything broader.  An atexit hook (and SIGTERM turned into KeyboardInterrupt) makes sure
+nothing we started outlives the script.  Everything listens on 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCH, "results")
+PY = sys.executable  # the venv's python: it has the project (and aiohttp, uvloop) installed
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(*parts: object) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A port the kernel considers free right now (other sessions may run tests on this box)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            r.read()
+            return 200 <= r.status < 300
+    except Exception:  # noqa: BLE001 - anything short of a 2xx means "not yet"
+        return False
+
+
+_STARTED: list["Proc"] = []
+
+
+class Proc:
+    """A process we started, in its own session; stopped only through its own PID / group."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self._log = open(log_path, "ab")
+        # SIDECAR_* from the caller's shell would silently change what is measured: drop them.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                  env={**base, **(env or {})}, start_new_session=True, cwd=BENCH)
+        self.pid = self.p.pid
+        _STARTED.append(self)
+
+    def poll(self) -> int | None:
+        return self.p.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self.p.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait_ready(self, *urls: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        for url in urls:
+            while not http_ok(url):
+                if self.p.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited rc={self.p.returncode}; see {self.log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: {url} not ready after {timeout}s; see {self.log_path}")
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.p.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+                self.p.wait(timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} (pid {self.pid}) still running {timeout}s after {signal.Signals(sig).name}")
+        self.kill_group()  # whatever is left of OUR group (nginx workers, ...)
+        self._log.close()
+        return self.p.returncode
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # pgid == pid: start_new_session=True
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _cleanup() -> None:
+    for p in reversed(_STARTED):
+        if p.poll() is None:
+            log(f"cleanup: stopping {p.name} (pid {p.pid})")
+            p.stop(signal.SIGTERM, 5)
+
+
+atexit.register(_cleanup)
+
+
+def sigterm_unwinds() -> None:
+    """SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so finally blocks and atexit run."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --- the servers -----------------------------------------------------------------------------
+
+def start_upstream(tmp: str, tag: str) -> tuple[Proc, int]:
+    port = free_port()
+    p = Proc("upstream", [PY, os.path.join(BENCH, "upstream.py"), "--port", str(port)],
+             os.path.join(tmp, f"{tag}-upstream.log"))
+    p.wait_ready(f"http://127.0.0.1:{port}/fast")
+    return p, port
+
+
+def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
+    """nginx, 1 worker, keep-alive to the upstream; config, pid and logs in a private dir of `tmp`."""
+    port = free_port()
+    prefix = os.path.join(tmp, f"{tag}-nginx")
+    os.makedirs(prefix, exist_ok=True)
+    with open(os.path.join(BENCH, "nginx.conf.tmpl")) as f:
+        text = f.read()
+    # As root, nginx would drop its worker to `nobody`; keep it as the current user instead.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    for key, value in {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port,
+                       "UPSTREAM_PORT": upstream_port}.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(text)
+    argv = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "error.log")]
+    p = Proc("nginx", argv, os.path.join(tmp, f"{tag}-nginx.log"))
+    p.wait_ready(f"http://127.0.0.1:{port}/fast")
+    return p, port
+
+
+def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, int, int]:
+    """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream."""
+    port, admin = free_port(), free_port()
+    argv = [PY, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+            "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env=env)
+    p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
+    return p, port, admin
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+sys CPU seconds of every live process in process group `pgid` (/proc/PID/stat)."""
+    ticks = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
+        if int(fields[2]) == pgid:                # field 5: pgrp
+            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return ticks / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """user+nice+system CPU seconds of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system = map(int, f.readline().split()[1:4])
+    return (user + nice + system) / CLK_TCK
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except Exception as e:  # noqa: BLE001
+            return f"n/a ({type(e).__name__})"
+
+    import aiohttp
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    try:
+        from importlib.metadata import version
+        sc = version("sidecar")
+    except Exception:  # noqa: BLE001
+        sc = "?"
+    return {
+        "sidecar": sc,
+        "python": sys.version.split()[0],
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uv,
+        "nginx": first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+        "wrk": re.sub(r"\s*Copyright.*", "", first_line(["wrk", "-v"])).replace("wrk ", ""),
+        "kernel": os.uname().release,
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def versions_line(v: dict[str, str]) -> str:
+    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in
+                                    ("sidecar", "python", "aiohttp", "uvloop", "nginx", "wrk", "kernel"))
+
+
+def machine_note(v: dict[str, str]) -> str:
+    return (f"> **Machine: {v['cpus']} shared cores** (a VM; other work was running on it at the same "
+            "time), and the load generator, the proxy and the upstream all compete for them on one "
+            "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs; "
+            "only the **ratios between targets measured in the same run** are meaningful.")
