@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 
 import aiohttp
 from aiohttp import web
@@ -175,8 +176,7 @@ class Proxy:
         if not drain.forwarding:
             return self._reject(request, "draining" if drain.triggered else "starting")
 
-        loop = self._loop
-        started = loop.time()
+        started = monotonic()  # not loop.time(): uvloop's clock ticks in whole milliseconds
         flight = _RequestFlight(request, started)
         drain.add(flight)
         conn = request.protocol
@@ -199,7 +199,7 @@ class Proxy:
             if drain.closing_connections and resp is not None and not getattr(conn, "_messages", None):
                 # Admission has stopped: the connection ends with this response.
                 resp.force_close()
-            elapsed = loop.time() - started
+            elapsed = monotonic() - started
             self._metrics.request_done(request.method, status, elapsed)
             if self._access_log:
                 _log_access(request, status, elapsed)
