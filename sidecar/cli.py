@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             return runner.run(server.run(config, command=command))
     except server.StartupError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return exc.exit_code
 
 
 def _drain(args: argparse.Namespace) -> int:

@@ -26,6 +26,10 @@ __all__ = ("StartupError", "run")
 class StartupError(Exception):
     """The sidecar could not start (a port in use, a command not found)."""
 
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 async def run(config: Config, *, command: list[str] | None = None, metrics: Metrics | None = None) -> int:
     """Run until drained; return the process exit code (the child's in wrap mode)."""
@@ -51,13 +55,15 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
         await proxy.close()
         raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
     child = Child(command) if command else None
-    if child is not None:
+    if child is not None and command:
         try:
             child.start()
         except OSError as exc:
             await admin.stop()
             await proxy.close()
-            raise StartupError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None  # type: ignore[index]
+            raise StartupError(f"cannot start {command[0]!r}: {exc.strerror or exc}",
+                               exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
+                               ) from None  # the codes a shell uses
     logger.info("sidecar started", extra={"fields": {
         "listen": f"{config.listen.host}:{port}", "admin": f"{config.admin.host}:{admin_port}",
         "upstream": config.upstream.url, "wrap": command or None,
@@ -98,9 +104,9 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await proxy.close()
-    code = child.returncode if child is not None else 0
-    logger.info("sidecar exiting", extra={"fields": {"exit_code": code}})
-    return code if code is not None else 0
+    exit_code = (child.returncode if child is not None else None) or 0
+    logger.info("sidecar exiting", extra={"fields": {"exit_code": exit_code}})
+    return exit_code
 
 
 def _install_signals(drain: Drain, finished: asyncio.Event) -> None:

@@ -256,3 +256,9 @@ async def test_sidecar_drain_no_wait_returns_at_once(start_sidecar: StartSidecar
     code, out, _ = await _cli("drain", "--admin", sidecar.admin, "--no-wait")
     assert code == 0 and '"state": "draining"' in out
     assert await sidecar.wait_exit() == 0
+
+
+async def test_wrap_mode_command_not_found_exits_127_naming_it(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(command=["/nonexistent/app"], wait=None)
+    assert await sidecar.wait_exit() == 127
+    assert any("cannot start '/nonexistent/app'" in line for line in sidecar.raw)
