@@ -217,6 +217,7 @@ class Proxy:
             headers={"Retry-After": self._retry_after if reason == "draining" else "1"},
         )
         resp.force_close()
+        self._metrics.request_done(request.method, 503, 0.0)  # answered, so counted too
         if self._access_log:
             _log_access(request, 503, 0.0)
         return resp

@@ -113,7 +113,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 async def test_request_on_a_surviving_connection_gets_503_with_retry_after_and_is_never_forwarded(
         start_sidecar: StartSidecar, upstream, client) -> None:
-    sidecar = await start_sidecar(NO_DELAY, upstream=upstream_url(upstream))
+    sidecar = await start_sidecar({"drain": {"delay": "0s", "linger": "30s"}}, upstream=upstream_url(upstream))
     # A stream whose headers went out before the trigger, with a request pipelined behind it.
     reader, writer = await raw_request(sidecar.port, b"GET /stream?key=p1 HTTP/1.1\r\nHost: x\r\n\r\n"
                                        b"GET /headers?id=late HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -129,8 +129,13 @@ async def test_request_on_a_surviving_connection_gets_503_with_retry_after_and_i
     assert await asyncio.wait_for(reader.read(), 5) == b""  # and the connection closes
     writer.close()
     assert "late" not in ids_seen(upstream)
+    summary = await sidecar.wait_log("drain finished")
+    assert summary["rejected"] == 1
+    seen = await metrics(client, sidecar.admin)  # lingering: the final numbers are scrapeable
+    assert seen['sidecar_requests_rejected_total{reason="draining"}'] == 1
+    assert seen['sidecar_requests_total{code="503",method="GET"}'] == 1
+    sidecar.send(signal.SIGTERM)
     assert await sidecar.wait_exit() == 0
-    assert sidecar.logs[-2]["rejected"] == 1  # the summary line
 
 
 async def test_new_connections_are_refused_once_closing(
