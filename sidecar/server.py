@@ -80,10 +80,13 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     # 3. The drain timeline, then the upstream exit.
     async def tell_upstream() -> dict[str, Any]:
         tasks[0].cancel()  # the app is about to go away: no more health probes or warnings
-        if child is not None:
-            outcome = await child.stop(config.exit.signal, config.exit.wait)
-        else:
-            outcome = await exit_upstream(config.exit, config.upstream)
+        try:
+            if child is not None:
+                outcome = await child.stop(config.exit.signal, config.exit.wait)
+            else:
+                outcome = await exit_upstream(config.exit, config.upstream)
+        except Exception as exc:  # noqa: BLE001 - whatever happens, the sidecar still exits
+            outcome = {"action": "child" if child else "exit", "outcome": f"failed: {exc!r}"}
         fine = outcome["outcome"] in ("exited", "nothing configured", "already exited")
         (logger.info if fine else logger.warning)(
             "upstream exit: %s", outcome["outcome"], extra={"fields": outcome})
