@@ -95,7 +95,6 @@ class Drain:
         # Read on every request: plain attributes, not properties of the state.
         self.forwarding = False  # serving or draining
         self.admitting = True  # until closing
-        self.closing_connections = False
 
     # --- state -----------------------------------------------------------------------------
 
@@ -132,7 +131,10 @@ class Drain:
             self._idle.clear()
 
     def done(self, flight: Flight) -> None:
-        self._flights.discard(flight)
+        try:
+            self._flights.remove(flight)
+        except KeyError:
+            return  # aborted at the deadline: counted there, not as completed
         if self._started_at is not None:
             self._completed += 1
         if not self._flights:
@@ -203,7 +205,6 @@ class Drain:
         await _first_of(self._skip_delay.wait(), timeout=self._delay)
 
         self.admitting = False
-        self.closing_connections = True
         await stop_admission()
         self._enter(State.CLOSING, in_flight=len(self._flights))
 

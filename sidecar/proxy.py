@@ -196,7 +196,7 @@ class Proxy:
             else:
                 busy[conn] -= 1
             drain.done(flight)
-            if drain.closing_connections and resp is not None and not getattr(conn, "_messages", None):
+            if not drain.admitting and resp is not None and not getattr(conn, "_messages", None):
                 # Admission has stopped: the connection ends with this response.
                 resp.force_close()
             elapsed = monotonic() - started
