@@ -120,6 +120,7 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
         wait: str | None = "sidecar started",
+        prefix: list[str] | None = None,
     ) -> Sidecar:
         port, admin_port = free_port(), free_port()
         cfg: dict[str, Any] = {"logging": {"format": "json", "level": "debug"}}
@@ -130,7 +131,7 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
                 cfg[key] = value
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        args = [sys.executable, "-m", "sidecar", "run", "--config", str(path),
+        args = [*(prefix or []), sys.executable, "-m", "sidecar", "run", "--config", str(path),
                 "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}"]
         if upstream is not None:
             args += ["--upstream", upstream]

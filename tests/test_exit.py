@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import (
     UPSTREAM_APP,
@@ -262,3 +265,38 @@ async def test_wrap_mode_command_not_found_exits_127_naming_it(start_sidecar: St
     sidecar = await start_sidecar(command=["/nonexistent/app"], wait=None)
     assert await sidecar.wait_exit() == 127
     assert any("cannot start '/nonexistent/app'" in line for line in sidecar.raw)
+
+
+def _can_unshare_pid() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, timeout=10, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs root and unshare(1) for a PID namespace")
+async def test_as_pid_1_of_a_container_sigterm_drains_reaps_orphans_and_exits_with_the_childs_code(
+        start_sidecar: StartSidecar, tmp_path: Path) -> None:
+    """The sidecar as PID 1 of its own PID namespace, as ENTRYPOINT in a container."""
+    port = free_port()
+    script = f"(sleep 0.2 &) ; exec {sys.executable} {UPSTREAM_APP} --port {port} --exit-code 5"
+    sidecar = await start_sidecar(FAST, upstream=f"http://127.0.0.1:{port}", command=["sh", "-c", script],
+                                  prefix=["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
+    await sidecar.wait_log("state serving")
+    children = Path(f"/proc/{sidecar.proc.pid}/task/{sidecar.proc.pid}/children").read_text().split()
+    pid1 = int(children[0])  # the sidecar, as the host sees it
+    nspid = next(line for line in Path(f"/proc/{pid1}/status").read_text().splitlines()
+                 if line.startswith("NSpid:"))
+    assert nspid.split()[-1] == "1"  # PID 1 inside its namespace
+    for _ in range(300):  # the orphaned sleep is adopted by PID 1 and, once it exits, reaped
+        if not [e for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == pid1
+                and _comm(int(e)) == "sleep"]:
+            break
+        await asyncio.sleep(0.02)
+    zombies = [e for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == pid1
+               and Path(f"/proc/{e}/stat").read_text().rpartition(")")[2].split()[0] == "Z"]
+    assert zombies == []
+    os.kill(pid1, signal.SIGTERM)
+    assert await sidecar.wait_exit() == 5
+    assert (await sidecar.wait_log("upstream exit"))["outcome"] == "exited"
