@@ -13,7 +13,8 @@ import os
 import sys
 
 from . import __version__
-from .config import Config, ConfigError, _duration, load, to_yaml
+from .config import Config, ConfigError, load, to_yaml
+from .values import parse_duration
 
 __all__ = ("main",)
 
@@ -119,7 +120,7 @@ def _drain(args: argparse.Namespace) -> int:
     from .client import DrainFailed, request_drain
 
     try:
-        timeout = _duration(args.timeout)
+        timeout = parse_duration(args.timeout)
     except ValueError as exc:
         print(f"sidecar drain: --timeout: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -22,6 +22,7 @@ from .drain import Drain, Flight
 from .headers import request_headers, response_headers
 from .log import access_logger
 from .metrics import Metrics
+from .responses import ProxyResponse, rejection, upstream_error, upstream_error_kind
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)
@@ -31,28 +32,6 @@ FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once 
 # Idle pooled upstream connections are dropped before common app servers drop them
 # (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
 UPSTREAM_IDLE = 4.0
-
-
-class ProxyResponse(web.StreamResponse):
-    """A response that adds nothing the upstream did not send but Date.
-
-    aiohttp fills in ``Content-Type: application/octet-stream`` and its own
-    ``Server`` when they are missing; a proxy must pass the upstream's headers as
-    they are.  The head is held until the first body bytes so that both leave in
-    one write (``_forward`` flushes it at once for a stream that has nothing yet).
-    """
-
-    _send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        had_type = "Content-Type" in headers
-        had_server = "Server" in headers
-        await super()._prepare_headers()
-        if not had_type:
-            headers.pop("Content-Type", None)
-        if not had_server:
-            headers.pop("Server", None)
 
 
 class _RequestFlight(Flight):
@@ -208,19 +187,12 @@ class Proxy:
         if reason == "draining":
             self._metrics.rejected_draining.inc()
             self._drain.rejected()
-            text = "503 the server is shutting down; retry on another connection\n"
         else:
             self._metrics.rejected_starting.inc()
-            text = "503 the upstream is not ready yet\n"
-        resp = web.Response(
-            status=503, text=text,
-            headers={"Retry-After": self._retry_after if reason == "draining" else "1"},
-        )
-        resp.force_close()
         self._metrics.request_done(request.method, 503, 0.0)  # answered, so counted too
         if self._access_log:
             _log_access(request, 503, 0.0)
-        return resp
+        return rejection(reason, self._retry_after)
 
     def _url(self, request: web.BaseRequest) -> URL:
         target = request.raw_path
@@ -276,25 +248,14 @@ class Proxy:
             return error, error.status
 
     def _count_error(self, exc: BaseException) -> str:
-        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-            kind = "connect"
-        elif isinstance(exc, TimeoutError):
-            kind = "timeout"
-        else:
-            kind = "reset"
+        kind = upstream_error_kind(exc)
         self._metrics.upstream_errors.labels(kind).inc()
         return kind
 
     def _error_response(self, exc: BaseException) -> web.Response:
         kind = self._count_error(exc)
-        if kind == "timeout":
-            status, text = 504, "504 upstream timed out\n"
-        elif kind == "connect":
-            status, text = 502, "502 upstream unreachable\n"
-        else:
-            status, text = 502, "502 upstream closed the connection\n"
         logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)[:300]}})
-        resp = web.Response(status=status, text=text)
+        resp = upstream_error(kind)
         if self._drain.triggered:
             resp.force_close()
         return resp

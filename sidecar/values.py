@@ -1,0 +1,196 @@
+"""Leaf values of the configuration.
+
+Each ``parse_*`` takes a YAML value or an environment string and returns the typed
+value, or raises ValueError with a message that says what is expected.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = (
+    "Address",
+    "format_duration",
+    "parse_address",
+    "parse_boolean",
+    "parse_choice",
+    "parse_duration",
+    "parse_http_url",
+    "parse_integer",
+    "parse_method",
+    "parse_optional",
+    "parse_path",
+    "parse_positive_duration",
+    "parse_regex",
+    "parse_signal",
+    "parse_text",
+    "parse_upstream_url",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like 250ms, 5s, 2m or a number of seconds, got {value!r}")
+
+
+def parse_positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than zero, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    return f"{round(seconds, 3):g}s"
+
+
+def parse_address(value: Any) -> Address:
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.isdigit()):
+        value = f"0.0.0.0:{value}"  # a bare port listens on every interface
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")  # noqa: TRY004 - every config problem is a ValueError
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:8080, got {value!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    host = host.strip("[]") or "0.0.0.0"
+    return Address(host, port)
+
+
+def parse_integer(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")  # noqa: TRY004
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+def parse_optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(value: Any) -> Any:
+        if value is None or value == "" or value == "null":
+            return None
+        return parse(value)
+
+    return wrapped
+
+
+def parse_text(value: Any) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def parse_path(value: Any) -> str:
+    text = parse_text(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected a path starting with /, got {text!r}")
+    return text
+
+
+def parse_http_url(value: Any) -> str:
+    text = parse_text(value)
+    parts = urllib.parse.urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"the port in {text!r} is not a number from 0 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected http://HOST:PORT, got {text!r}")
+    return text
+
+
+def parse_upstream_url(value: Any) -> str:
+    text = parse_text(value)
+    if text.startswith("unix:"):
+        if not text[len("unix:"):].startswith("/"):
+            raise ValueError(f"expected unix:/absolute/path.sock, got {text!r}")
+        return text
+    parse_http_url(text)
+    parts = urllib.parse.urlsplit(text)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"must be http://HOST:PORT or unix:/path.sock without a path, got {text!r}")
+    return text.rstrip("/")
+
+
+def parse_regex(value: Any) -> str:
+    text = parse_text(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+    return text
+
+
+def parse_signal(value: Any) -> signal.Signals:
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return signal.Signals(value)
+        except ValueError:
+            raise ValueError(f"{value} is not a signal number") from None
+    if isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name in signal.Signals.__members__:
+            return signal.Signals[name]
+    raise ValueError(f"expected a signal name such as SIGTERM or SIGQUIT, got {value!r}")
+
+
+def parse_method(value: Any) -> str:
+    text = parse_text(value).upper()
+    if not re.fullmatch(r"[A-Z]+", text):
+        raise ValueError(f"expected an HTTP method such as POST, got {value!r}")
+    return text
