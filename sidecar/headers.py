@@ -25,8 +25,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     )
 )
-# Also not forwarded upstream: we answer Expect: 100-continue ourselves, and we set these.
-_REQUEST_DROP = HOP_BY_HOP | {"expect", "x-forwarded-proto", "x-forwarded-host"}
+# Also not forwarded upstream: we answer Expect: 100-continue ourselves.
+_REQUEST_DROP = HOP_BY_HOP | {"expect"}
 
 
 def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -47,15 +47,21 @@ def _filter(
 def request_headers(
     headers: CIMultiDictProxy[str], *, client: str | None, proto: str = "http"
 ) -> CIMultiDict[str]:
-    """Headers to send upstream: end-to-end ones as received, plus X-Forwarded-*."""
+    """Headers to send upstream: end-to-end ones as received, plus X-Forwarded-*.
+
+    X-Forwarded-For gets the client appended.  X-Forwarded-Proto and -Host are set
+    from this hop when absent and kept when an earlier proxy (the ingress that
+    terminated TLS) set them, as a non-edge Envoy does: overwriting ``https`` with
+    this hop's ``http`` sends apps that enforce HTTPS into redirect loops.
+    """
     out: CIMultiDict[str] = CIMultiDict(_filter(headers, _REQUEST_DROP))
     if client:
         prior = ", ".join(out.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-    out["X-Forwarded-Proto"] = proto
+    out.setdefault("X-Forwarded-Proto", proto)
     host = headers.get("Host")
     if host is not None:
-        out["X-Forwarded-Host"] = host
+        out.setdefault("X-Forwarded-Host", host)
     return out
 
 

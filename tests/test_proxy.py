@@ -133,13 +133,23 @@ async def test_hop_by_hop_request_headers_are_dropped(proxied) -> None:
 
 async def test_forwarded_headers_are_set_and_host_passes_through(proxied, client) -> None:
     async with client.get(proxied.url + "/headers", headers={
-        "Host": "app.example:8443", "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
+        "Host": "app.example:8443", "X-Forwarded-For": "203.0.113.9",
     }) as resp:
         headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
     assert headers["host"] == "app.example:8443"
     assert headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
     assert headers["x-forwarded-host"] == "app.example:8443"
+
+
+async def test_forwarded_proto_and_host_from_a_tls_terminating_ingress_are_kept(proxied, client) -> None:
+    async with client.get(proxied.url + "/headers", headers={
+        "Host": "internal:8080", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.example",
+    }) as resp:
+        headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["x-forwarded-host"] == "shop.example"
+    assert headers["host"] == "internal:8080"
 
 
 async def test_request_target_is_forwarded_exactly(proxied) -> None:
