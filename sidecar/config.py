@@ -119,7 +119,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
     "drain": {
         "delay": (v.parse_duration, "5s"),
         "timeout": (v.parse_duration, "20s"),
-        "retry_after": (v.parse_integer(0, 86400), 5),
+        "retry_after": (v.parse_seconds, 5),
         "websockets": (v.parse_choice("close", "wait"), "close"),
         "linger": (v.parse_duration, "0s"),
         "grace_period": (v.parse_positive_duration, "30s"),

@@ -6,6 +6,7 @@ value, or raises ValueError with a message that says what is expected.
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import urllib.parse
@@ -27,6 +28,7 @@ __all__ = (
     "parse_path",
     "parse_positive_duration",
     "parse_regex",
+    "parse_seconds",
     "parse_signal",
     "parse_text",
     "parse_upstream_url",
@@ -100,6 +102,17 @@ def parse_integer(low: int, high: int) -> Callable[[Any], int]:
         return value
 
     return parse
+
+
+def parse_seconds(value: Any) -> int:
+    """Whole seconds, from a number or a duration (``5s``; ``1500ms`` rounds up to 2)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return value
+    return math.ceil(parse_duration(value))
 
 
 def parse_boolean(value: Any) -> bool:

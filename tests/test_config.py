@@ -119,6 +119,13 @@ def test_durations_accept_every_documented_form() -> None:
     assert config.drain.grace_period == 150.0
 
 
+def test_retry_after_takes_seconds_or_a_duration() -> None:
+    assert load(None, env={"SIDECAR_DRAIN_RETRY_AFTER": "7"}).drain.retry_after == 7
+    assert load(None, env={"SIDECAR_DRAIN_RETRY_AFTER": "1500ms"}).drain.retry_after == 2
+    with pytest.raises(ConfigError):
+        load(None, env={"SIDECAR_DRAIN_RETRY_AFTER": "soon"})
+
+
 def test_exit_http_accepts_a_mapping_or_env() -> None:
     config = load(None, env={"SIDECAR_EXIT_HTTP_URL": "http://127.0.0.1:8000/quitquitquit"})
     assert config.exit.http is not None and config.exit.http.method == "POST"
