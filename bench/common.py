@@ -48,7 +48,7 @@ def http_ok(url: str) -> bool:
         return False
 
 
-_STARTED: list["Proc"] = []
+_STARTED: list[Proc] = []
 
 
 class Proc:
@@ -230,3 +230,16 @@ def machine_note(v: dict[str, str]) -> str:
             "time), and the load generator, the proxy and the upstream all compete for them on one "
             "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs; "
             "only the **ratios between targets measured in the same run** are meaningful.")
+
+
+def write_results(name: str, out: str, raw: dict[str, object], text: str, started: float) -> None:
+    """Keep the raw numbers in results/raw/NAME.json and the report at OUT; print the report."""
+    import json
+
+    os.makedirs(os.path.join(RESULTS, "raw"), exist_ok=True)
+    with open(os.path.join(RESULTS, "raw", f"{name}.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+    log(f"wrote {out} in {time.time() - started:.0f}s")

@@ -45,7 +45,6 @@ import urllib.request
 from dataclasses import dataclass
 
 import aiohttp
-
 import common as C
 
 SIDECAR_ENV = {"SIDECAR_DRAIN_DELAY": "1s", "SIDECAR_DRAIN_TIMEOUT": "5s", "SIDECAR_LOGGING_LEVEL": "info"}
@@ -113,7 +112,7 @@ async def drive(url: str, tag: str, proc: C.Proc, sig: int, args) -> dict:
             en = getattr(e.os_error, "errno", None)
             rec.kind = "refused" if en == errno.ECONNREFUSED else "connect"
             rec.detail = errno.errorcode.get(en, type(e).__name__) if en else type(e).__name__
-        except asyncio.TimeoutError:
+        except TimeoutError:
             rec.kind, rec.detail = "timeout", f"timeout@{rec.stage}"
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
                 ConnectionResetError, BrokenPipeError) as e:
@@ -360,14 +359,9 @@ def main() -> int:
     results.sort(key=lambda r: (targets.index(r["target"]), r["round"]))
     elapsed = time.time() - t_start
     versions = C.versions()
-    os.makedirs(os.path.join(C.RESULTS, "raw"), exist_ok=True)
-    with open(os.path.join(C.RESULTS, "raw", "drain.json"), "w") as f:
-        json.dump({"args": vars(args), "versions": versions, "results": results}, f, indent=1)
     text = report(args, results, versions, elapsed, cmdline)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
-    C.log(f"wrote {args.out} in {elapsed:.0f}s")
+    C.write_results("drain", args.out, {"args": vars(args), "versions": versions, "results": results},
+                    text, t_start)
     return 0
 
 

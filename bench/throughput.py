@@ -19,7 +19,6 @@ Run with the venv that has the project installed:  /tmp/benchvenv/bin/python ben
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -63,7 +62,7 @@ def to_ms(token: str) -> float:
 
 def parse_wrk(out: str) -> dict:
     def num(pattern: str) -> str | None:
-        m = re.search(pattern, out, re.M)
+        m = re.search(pattern, out, re.MULTILINE)
         return m.group(1) if m else None
 
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -202,7 +201,7 @@ def report(args, targets: list[str], endpoints: list[tuple[str, int, str]], resu
                      f"{statistics.mean(r['p99'] for r in rs):.2f} | {fmt(us)} | "
                      f"{'—' if us is None or not ng else f'**{us / ng:.1f}×**'} | "
                      f"{fmt(pooled_us(rs, 'upstream_cpu'))} |")
-        if "sidecar" in rows and rows["sidecar"]:
+        if rows.get("sidecar"):
             sc = rows["sidecar"]
             us, ng = pooled_us(sc, "proxy_cpu"), pooled_us(rows.get("nginx", []), "proxy_cpu")
             headline.append(
@@ -290,14 +289,9 @@ def main() -> int:
 
     elapsed = time.time() - t_start
     versions = C.versions()
-    os.makedirs(os.path.join(C.RESULTS, "raw"), exist_ok=True)
-    with open(os.path.join(C.RESULTS, "raw", "throughput.json"), "w") as f:
-        json.dump({"args": vars(args), "versions": versions, "results": results}, f, indent=1)
     text = report(args, targets, endpoints, results, versions, elapsed, cmdline)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
-    C.log(f"wrote {args.out} in {elapsed:.0f}s")
+    C.write_results("throughput", args.out, {"args": vars(args), "versions": versions, "results": results},
+                    text, t_start)
     return 0
 
 

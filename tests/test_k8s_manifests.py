@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.kustomize import DEPLOY, KUBECTL, needs_kubectl, render, seconds
+
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-KUBECTL = shutil.which("kubectl")
 WORKLOADS = ["base", "overlays/native-sidecar", "overlays/shared-pid"]
 CONTRACT_METRICS = {
     "sidecar_requests_in_flight", "sidecar_requests_total", "sidecar_request_duration_seconds",
@@ -31,25 +30,6 @@ CONTRACT_METRICS = {
     "sidecar_drain_state", "sidecar_drain_started_timestamp_seconds",
     "sidecar_drain_duration_seconds", "sidecar_upstream_up",
 }
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-
-
-def seconds(value: Any) -> float:
-    """A config duration (250ms, 5s, 2m, or a bare number of seconds) in seconds."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = DURATION.match(str(value))
-    assert m, f"not a duration: {value!r}"
-    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-
-
-def render(path: str) -> list[dict[str, Any]]:
-    assert KUBECTL is not None
-    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / path)], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:

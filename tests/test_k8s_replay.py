@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,13 +53,16 @@ import aiohttp
 import pytest
 import yaml
 
+if not __package__:  # run as a script (the example app): make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.kustomize import KUBECTL, render, seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("K8S_REPLAY_SCALE", "0.1"))
 KUBELET_MIN_GRACE = 2.0  # seconds the kubelet still grants after a preStop that used the grace up
 STEADY_WORKERS = 30
 LAGGARD_WORKERS = 2
 LONG_REQUESTS = 3
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_KEYS = {
     "upstream": ("connect_timeout", "timeout", "health_interval"),
     "drain": ("delay", "timeout", "linger", "grace_period"),
@@ -106,25 +108,7 @@ def serve_app(port: int, log_path: str) -> None:
                 print=None)
 
 
-KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-
-
-def seconds(value: Any) -> float:
-    """A config duration (250ms, 5s, 2m, or a bare number of seconds) in seconds."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = DURATION.match(str(value))
-    assert m, f"not a duration: {value!r}"
-    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-
-
-def render(path: str) -> list[dict[str, Any]]:
-    """``kubectl kustomize deploy/<path>``: the objects as they would be applied."""
-    assert KUBECTL is not None
-    out = subprocess.run([KUBECTL, "kustomize", str(ROOT / "deploy" / path)], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def free_port() -> int:
