@@ -204,6 +204,12 @@ async def test_requests_still_in_flight_at_the_deadline_are_aborted_counted_and_
     assert summary["state"] == "drained" and summary["aborted"] == 1 and summary["in_flight"] == 0
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(stuck, 5)
+    for _ in range(200):  # the upstream request was cancelled too: the app sees its client go
+        if any(e["event"] == "disconnected" and e["key"] == "never" for e in upstream_events(upstream)):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"the upstream request was not cancelled: {upstream_events(upstream)}")
     line = await sidecar.wait_log("aborting request at the drain deadline")
     assert line["method"] == "GET" and line["path"] == "/hold?key=never" and line["age_seconds"] > 0
     seen = await metrics(client, sidecar.admin)  # linger: the admin port is still up

@@ -366,3 +366,18 @@ async def test_access_log_and_text_format(start_sidecar: StartSidecar, upstream,
         await asyncio.sleep(0.02)
     line = next(line for line in sidecar.raw if "GET /headers?q=1 200" in line)
     assert "status=200" in line and "duration_ms=" in line
+
+
+async def test_client_that_goes_away_cancels_the_upstream_request(proxied, client, upstream) -> None:
+    reader, writer = await raw_request(proxied.port, b"GET /hold?key=gone HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with client.get(upstream_url(upstream) + "/__started?key=gone"):
+        pass
+    writer.close()  # the client gives up before the answer
+    for _ in range(200):
+        if any(e["event"] == "disconnected" and e["key"] == "gone" for e in upstream_events(upstream)):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"the upstream request was not cancelled: {upstream_events(upstream)}")
+    assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 0
+    assert await _metric(client, proxied.admin, 'sidecar_requests_total{code="499",method="GET"}') == 1

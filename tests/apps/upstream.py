@@ -120,9 +120,20 @@ async def hold(request: web.Request) -> web.Response:
     _hold(request.app, "started:" + key).set()
     if "ms" in request.query:
         await asyncio.sleep(int(request.query["ms"]) / 1000)
-    else:
-        await asyncio.wait_for(_hold(request.app, key).wait(), 60)
-    return web.Response(text=f"released {key}\n")
+        return web.Response(text=f"released {key}\n")
+    released = _hold(request.app, key)
+    try:
+        for _ in range(1200):  # up to 60 s; notice when the proxy gives up on us
+            try:
+                await asyncio.wait_for(asyncio.shield(released.wait()), 0.05)
+                return web.Response(text=f"released {key}\n")
+            except TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the proxy closed the connection") from None
+        raise TimeoutError
+    except (ConnectionResetError, asyncio.CancelledError):  # cancelled: aiohttp's handler_cancellation
+        _record(request.app, "disconnected", path=request.path, key=key)
+        raise
 
 
 async def go(request: web.Request) -> web.Response:
