@@ -369,7 +369,7 @@ async def test_access_log_and_text_format(start_sidecar: StartSidecar, upstream,
 
 
 async def test_client_that_goes_away_cancels_the_upstream_request(proxied, client, upstream) -> None:
-    reader, writer = await raw_request(proxied.port, b"GET /hold?key=gone HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, writer = await raw_request(proxied.port, b"GET /hold?key=gone HTTP/1.1\r\nHost: x\r\n\r\n")
     async with client.get(upstream_url(upstream) + "/__started?key=gone"):
         pass
     writer.close()  # the client gives up before the answer
