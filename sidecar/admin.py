@@ -7,7 +7,6 @@ and admin traffic never shows up in the request metrics.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hmac
 import os
@@ -43,9 +42,6 @@ class Admin:
         self._connections = connections
         self._websockets = websockets
         self._token = config.admin_token.encode() if config.admin_token else None
-        self._waiters = 0
-        self._answered = asyncio.Event()
-        self._answered.set()
         self._started = time.time()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -68,9 +64,8 @@ class Admin:
         return self.port
 
     async def stop(self) -> None:
-        """Answer every waiting /drain caller, then close the listener."""
-        await asyncio.wait_for(self._answered.wait(), timeout=5.0)
-        if self._runner is not None:
+        """Close the listener once every request in progress (each waiting /drain) is answered."""
+        if self._runner is not None:  # aiohttp's graceful shutdown waits for running handlers
             await self._runner.cleanup()
 
     # --- handlers ------------------------------------------------------------------------------
@@ -125,16 +120,8 @@ class Admin:
         drain.trigger(f"{request.method} /drain")
         if request.query.get("wait", "true").lower() in ("false", "0", "no"):
             return web.json_response(_summary(drain), status=202)
-        self._waiters += 1
-        self._answered.clear()
-        try:
-            await drain.wait_drained()
-            return web.json_response(_summary(drain))
-        finally:
-            self._waiters -= 1
-            if self._waiters == 0:
-                # Let the response be written before stop() may close the listener.
-                asyncio.get_running_loop().call_soon(self._answered.set)
+        await drain.wait_drained()
+        return web.json_response(_summary(drain))
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")

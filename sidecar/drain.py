@@ -106,10 +106,6 @@ class Drain:
     def triggered(self) -> bool:
         return self._triggered.is_set()
 
-    @property
-    def trigger_reason(self) -> str | None:
-        return self._trigger_reason
-
     def _enter(self, state: State, **fields: Any) -> None:
         self._state = state
         self.forwarding = state in (State.SERVING, State.DRAINING)
@@ -146,6 +142,10 @@ class Drain:
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    def flights(self) -> list[Flight]:
+        """The requests in flight now (a copy: off the hot path, for closing connections)."""
+        return list(self._flights)
 
     # --- triggers ----------------------------------------------------------------------------
 

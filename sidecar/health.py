@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
-from yarl import URL
 
 from .config import UpstreamConfig
 from .log import logger
 from .metrics import Metrics
+from .upstream import base_url, connect_once, connector
 
 __all__ = ("Health",)
 
@@ -48,7 +48,7 @@ class Health:
             if up.health_path:
                 await self._get(up.health_path)
             else:
-                await self._connect()
+                await connect_once(up, up.connect_timeout)
         except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy) as exc:
             self._set(False, str(exc) or type(exc).__name__)
         else:
@@ -57,28 +57,15 @@ class Health:
 
     async def _get(self, path: str) -> None:
         if self._session is None:
-            connector: aiohttp.BaseConnector = (
-                aiohttp.UnixConnector(path=self._upstream.unix_path, limit=1, force_close=True)
-                if self._upstream.unix_path else aiohttp.TCPConnector(limit=1, force_close=True)
-            )
-            self._session = aiohttp.ClientSession(connector=connector)
-        base = "http://localhost" if self._upstream.unix_path else self._upstream.url
+            self._session = aiohttp.ClientSession(
+                connector=connector(self._upstream, limit=1, force_close=True))
+        base = base_url(self._upstream)
         timeout = aiohttp.ClientTimeout(total=max(self._upstream.health_interval, 1.0),
                                         sock_connect=self._upstream.connect_timeout)
         async with self._session.get(base + path, timeout=timeout, allow_redirects=False) as resp:
             await resp.read()
             if not 200 <= resp.status < 300:
                 raise _Unhealthy(f"GET {path} answered {resp.status}")
-
-    async def _connect(self) -> None:
-        up = self._upstream
-        if up.unix_path:
-            opening = asyncio.open_unix_connection(up.unix_path)
-        else:
-            url = URL(up.url)
-            opening = asyncio.open_connection(url.host, url.port)
-        _, writer = await asyncio.wait_for(opening, timeout=up.connect_timeout)
-        writer.close()
 
     def _set(self, healthy: bool, error: str | None) -> None:
         if healthy != self.healthy or error != self.last_error:

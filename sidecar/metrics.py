@@ -8,7 +8,7 @@ being incremented on every request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -105,6 +105,6 @@ class Metrics:
             self._done[(method, code)] = record
         return record
 
-    def set_state(self, state: str, states: Iterable[str] = DRAIN_STATES) -> None:
-        for name in states:
+    def set_state(self, state: str) -> None:
+        for name in DRAIN_STATES:
             self.drain_state.labels(name).set(1 if name == state else 0)

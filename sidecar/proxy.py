@@ -23,6 +23,7 @@ from .headers import request_headers, response_headers
 from .log import access_logger
 from .metrics import Metrics
 from .responses import ProxyResponse, rejection, upstream_error, upstream_error_kind
+from .upstream import base_url, connector
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)
@@ -59,7 +60,7 @@ class Proxy:
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         up = config.upstream
-        self._base = "http://localhost" if up.unix_path else up.url
+        self._base = base_url(up)
         self._timeout = aiohttp.ClientTimeout(
             total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
         )
@@ -68,7 +69,6 @@ class Proxy:
         self._websockets_close = config.drain.websockets == "close"
         self._session: aiohttp.ClientSession | None = None
         self._listener: asyncio.AbstractServer | None = None
-        self._busy: dict[RequestHandler, int] = {}
         self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
         self.web_server = web.Server(
@@ -79,14 +79,8 @@ class Proxy:
 
     async def start(self) -> None:
         up = self._config.upstream
-        connector: aiohttp.BaseConnector
-        if up.unix_path:
-            connector = aiohttp.UnixConnector(path=up.unix_path, limit=up.max_connections,
-                                              keepalive_timeout=UPSTREAM_IDLE)
-        else:
-            connector = aiohttp.TCPConnector(limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE)
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -128,18 +122,23 @@ class Proxy:
         ``FRESH_GRACE`` seconds: its request is most likely on the wire, and a clear
         503 beats a reset that leaves the client unsure whether it was processed.
         """
+        busy = self._busy()
         for conn in self.web_server.connections:
-            if self._is_idle(conn):
+            if conn not in busy:
                 if getattr(conn, "_request_count", 1) == 0:
                     self._loop.call_later(FRESH_GRACE, self._close_if_idle, conn)
                 else:
                     conn.force_close()
 
-    def _is_idle(self, conn: RequestHandler) -> bool:
-        return conn not in self._busy and not getattr(conn, "_messages", None)
+    def _busy(self) -> set[RequestHandler]:
+        """Connections with a request in flight, queued, or whose answer is being written."""
+        busy = {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
+        busy.update(c for c in self.web_server.connections
+                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None))
+        return busy
 
     def _close_if_idle(self, conn: RequestHandler) -> None:
-        if self._is_idle(conn):
+        if conn not in self._busy():
             conn.force_close()
 
     async def close(self) -> None:
@@ -158,9 +157,6 @@ class Proxy:
         started = monotonic()  # not loop.time(): uvloop's clock ticks in whole milliseconds
         flight = _RequestFlight(request, started)
         drain.add(flight)
-        conn = request.protocol
-        busy = self._busy
-        busy[conn] = busy.get(conn, 0) + 1
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
@@ -170,12 +166,9 @@ class Proxy:
                 resp, status = await self._forward(request)
             return resp
         finally:
-            if busy[conn] == 1:
-                del busy[conn]
-            else:
-                busy[conn] -= 1
             drain.done(flight)
-            if not drain.admitting and resp is not None and not getattr(conn, "_messages", None):
+            if not drain.admitting and resp is not None and not getattr(
+                    request.protocol, "_messages", None):
                 # Admission has stopped: the connection ends with this response.
                 resp.force_close()
             elapsed = monotonic() - started

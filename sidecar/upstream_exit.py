@@ -15,10 +15,10 @@ import signal
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from .config import ExitConfig, UpstreamConfig
 from .log import logger
+from .upstream import connect_once
 
 __all__ = ("exit_upstream", "find_processes", "wait_pids_gone")
 
@@ -175,14 +175,9 @@ async def _wait_port_closed(upstream: UpstreamConfig, deadline: float) -> bool:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            if upstream.unix_path:
-                _, writer = await asyncio.wait_for(asyncio.open_unix_connection(upstream.unix_path), 1)
-            else:
-                url = URL(upstream.url)
-                _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), 1)
+            await connect_once(upstream, 1.0)
         except (OSError, TimeoutError):
             return True
-        writer.close()
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(_POLL)

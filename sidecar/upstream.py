@@ -1,0 +1,35 @@
+"""How to reach the app, over TCP or a unix socket: one place for the three ways we do."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from .config import UpstreamConfig
+
+__all__ = ("base_url", "connect_once", "connector")
+
+
+def base_url(up: UpstreamConfig) -> str:
+    """Where request targets are appended (a unix socket still needs an http:// URL)."""
+    return "http://localhost" if up.unix_path else up.url
+
+
+def connector(up: UpstreamConfig, **options: Any) -> aiohttp.BaseConnector:
+    if up.unix_path:
+        return aiohttp.UnixConnector(path=up.unix_path, **options)
+    return aiohttp.TCPConnector(**options)
+
+
+async def connect_once(up: UpstreamConfig, timeout: float) -> None:
+    """Open and close one connection; raises OSError or TimeoutError if the app is not there."""
+    if up.unix_path:
+        opening = asyncio.open_unix_connection(up.unix_path)
+    else:
+        url = URL(up.url)
+        opening = asyncio.open_connection(url.host, url.port)
+    _, writer = await asyncio.wait_for(opening, timeout)
+    writer.close()
