@@ -43,6 +43,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiohttp
 import common as C
@@ -184,8 +185,10 @@ def sidecar_summary(log_path: str, wall_signal: float | None) -> dict:
             continue
         if e.get("msg") == "drain finished":
             out.update({k: v for k, v in e.items() if k not in ("ts", "level", "logger", "msg")})
-        elif str(e.get("msg", "")).startswith("state ") and wall_signal and e.get("ts", 0) >= wall_signal - 0.01:
-            out["states"][e.get("state")] = round(1000 * (e["ts"] - wall_signal))
+        elif str(e.get("msg", "")).startswith("state ") and wall_signal and "ts" in e:
+            at = datetime.fromisoformat(e["ts"]).timestamp()  # RFC 3339 UTC
+            if at >= wall_signal - 0.01:
+                out["states"][e.get("state")] = round(1000 * (at - wall_signal))
     return out
 
 

@@ -1,7 +1,8 @@
 """Command line: ``sidecar run``, ``sidecar drain``, ``sidecar check-config``.
 
 The only module that calls ``sys.exit``.  Exit codes: 0 fine, 1 runtime failure,
-2 bad configuration or usage (before any port is bound).
+2 bad configuration or usage (before any port is bound); ``sidecar drain`` also
+3 when the sidecar was reached but had not drained within ``--timeout``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,30 @@ from .values import parse_duration
 
 __all__ = ("main",)
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_PENDING = 0, 1, 2, 3
+
+_RUN_DESCRIPTION = """\
+Run the proxy in front of the app at upstream.url.  With -- CMD ARG... (wrap mode)
+also start CMD as the app, forward nothing to it until it is healthy, and once
+drained send it exit.signal and exit with its exit code.
+SIGTERM or SIGINT (Ctrl-C) starts a drain; a second SIGINT skips to the deadline."""
+
+
+def _run_epilog() -> str:
+    """Precedence, then every setting's variable with its key and default (from the schema)."""
+    from .config import SCHEMA
+    from .sources import dotted, env_name
+
+    lines = ["precedence: built-in defaults < config file < SIDECAR_* environment < flags",
+             "", "environment (each sets one config key; see config/sidecar.yaml and the README):"]
+    for section, keys in SCHEMA.items():
+        for key, (_, default) in keys.items():
+            shown = "null" if default is None else default
+            lines.append(f"  {env_name(section, key):<34} {dotted(section, key)} (default {shown})")
+    lines += ["  SIDECAR_EXIT_HTTP_URL, SIDECAR_EXIT_HTTP_METHOD  exit.http.url, exit.http.method",
+              "", "in wrap mode the app gets exit.signal once drained; for an app that exits cleanly",
+              "on Ctrl-C, set SIDECAR_EXIT_SIGNAL=SIGINT (with SIGTERM such an app ends with 143)."]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,16 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy (with -- CMD ARGS: also run and wrap the app)",
                          usage="sidecar run [--config PATH] [--listen H:P] [--admin H:P] "
-                               "[--upstream URL] [-- CMD ARG...]")
+                               "[--upstream URL] [-- CMD ARG...]",
+                         description=_RUN_DESCRIPTION, epilog=_run_epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_flag(run)
-    run.add_argument("--listen", metavar="H:P", help="proxy listener (overrides listen)")
-    run.add_argument("--admin", metavar="H:P", help="admin listener (overrides admin)")
-    run.add_argument("--upstream", metavar="URL", help="upstream URL (overrides upstream.url)")
+    run.add_argument("--listen", metavar="H:P", help="proxy listener: listen, $SIDECAR_LISTEN")
+    run.add_argument("--admin", metavar="H:P", help="admin listener: admin, $SIDECAR_ADMIN")
+    run.add_argument("--upstream", metavar="URL",
+                     help="the app: upstream.url, $SIDECAR_UPSTREAM_URL")
 
-    drain = sub.add_parser("drain", help="ask a running sidecar to drain; exit 0 once drained")
+    drain = sub.add_parser(
+        "drain", help="ask a running sidecar to drain; exit 0 once drained",
+        description="Ask a running sidecar to drain and wait until it has (for an exec preStop "
+                    "hook). The token comes from SIDECAR_ADMIN_TOKEN.",
+        epilog="exit codes: 0 drained; 1 unreachable, refused, or drained with aborted requests; "
+               "2 bad arguments; 3 reached, but the drain had not finished within --timeout")
     drain.add_argument("--admin", metavar="URL", default="http://127.0.0.1:9901",
-                       help="admin base URL (default http://127.0.0.1:9901); "
-                            "the token comes from SIDECAR_ADMIN_TOKEN")
+                       help="admin base URL, or HOST:PORT as 'run --admin' takes "
+                            "(default http://127.0.0.1:9901)")
     drain.add_argument("--no-wait", action="store_true", help="return once the drain has started")
     drain.add_argument("--timeout", metavar="DURATION", default="120s",
                        help="give up after this long (default 120s)")
@@ -117,16 +149,24 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    from .client import DrainFailed, request_drain
+    from .client import DrainFailed, DrainPending, admin_url, request_drain
 
+    try:
+        admin = admin_url(args.admin)
+    except ValueError as exc:
+        print(f"sidecar drain: --admin: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         timeout = parse_duration(args.timeout)
     except ValueError as exc:
         print(f"sidecar drain: --timeout: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        summary = request_drain(args.admin, token=os.environ.get("SIDECAR_ADMIN_TOKEN") or None,
+        summary = request_drain(admin, token=os.environ.get("SIDECAR_ADMIN_TOKEN") or None,
                                 wait=not args.no_wait, timeout=timeout)
+    except DrainPending as exc:
+        print(f"sidecar drain: {exc}", file=sys.stderr)
+        return EXIT_PENDING
     except DrainFailed as exc:
         print(f"sidecar drain: {exc}", file=sys.stderr)
         return EXIT_FAIL

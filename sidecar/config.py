@@ -133,7 +133,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
     },
     "logging": {
         "level": (v.parse_choice("debug", "info", "warning", "error"), "info"),
-        "format": (v.parse_choice("json", "text"), "json"),
+        "format": (v.parse_choice("auto", "json", "text"), "auto"),
         "access_log": (v.parse_boolean, False),
     },
 }
@@ -202,10 +202,12 @@ def load(
                 values[section][key] = parse(raw[section][key])
             except ValueError as exc:
                 problems.append(f"{label}: {exc}")
+    # Checks across keys run on whatever parsed, so one pass reports every problem.
+    _check_together(values, problems)
     if problems:
         raise ConfigError(problems)
 
-    config = Config(
+    return Config(
         listen=values[""]["listen"],
         admin=values[""]["admin"],
         admin_token=values[""]["admin_token"],
@@ -214,24 +216,23 @@ def load(
         exit=ExitConfig(**values["exit"]),
         logging=LoggingConfig(**values["logging"]),
     )
-    _check_together(config, problems)
-    if problems:
-        raise ConfigError(problems)
-    return config
 
 
-def _check_together(config: Config, problems: list[str]) -> None:
-    d, e = config.drain, config.exit
-    budget = d.delay + d.timeout + e.wait
-    if budget > d.grace_period:
-        problems.append(
-            f"drain.grace_period: drain.delay + drain.timeout + exit.wait = {format_duration(budget)} "
-            f"exceeds drain.grace_period {format_duration(d.grace_period)}; the kubelet would "
-            f"SIGKILL the pod mid-drain: shorten those or raise the grace period "
-            f"(and terminationGracePeriodSeconds with it)"
-        )
-    if config.listen.port != 0 and config.listen == config.admin:
-        problems.append(f"admin: {config.admin} is the same address as listen")
+def _check_together(values: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Rules that involve several keys; a key that failed to parse is left out of them."""
+    d, e, top = values["drain"], values["exit"], values[""]
+    if all(k in d for k in ("delay", "timeout", "grace_period")) and "wait" in e:
+        budget = d["delay"] + d["timeout"] + e["wait"]
+        if budget > d["grace_period"]:
+            problems.append(
+                f"drain.grace_period: drain.delay + drain.timeout + exit.wait = "
+                f"{format_duration(budget)} exceeds drain.grace_period "
+                f"{format_duration(d['grace_period'])}; the kubelet would SIGKILL the pod mid-drain: "
+                f"shorten those or raise the grace period (and terminationGracePeriodSeconds with it)"
+            )
+    listen, admin = top.get("listen"), top.get("admin")
+    if listen is not None and listen.port != 0 and listen == admin:
+        problems.append(f"admin: {admin} is the same address as listen")
 
 
 def to_yaml(config: Config) -> str:

@@ -1,6 +1,8 @@
-"""Logging set-up: one line per event, JSON or ``key=value`` text.
+"""Logging set-up: one line per event, JSON (for machines) or text (for people).
 
 Structured fields travel in ``extra={"fields": {...}}`` so both formats carry them.
+``auto`` picks text when stderr is a terminal and JSON otherwise, as kubectl-era
+tools do: a person running ``sidecar run`` reads lines, a log pipeline parses them.
 """
 
 from __future__ import annotations
@@ -8,19 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
-__all__ = ("access_logger", "logger", "setup")
+__all__ = ("access_logger", "logger", "resolve_format", "setup")
 
 logger = logging.getLogger("sidecar")
 access_logger = logging.getLogger("sidecar.access")
 
 
+def _rfc3339(created: float, digits: int) -> str:
+    """``2026-11-28T03:57:54.852133Z``: UTC, so lines from several pods sort together."""
+    stamp = datetime.fromtimestamp(created, UTC).isoformat(timespec="microseconds")
+    return stamp[: len("YYYY-MM-DDTHH:MM:SS.") + digits] + "Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
+            "ts": _rfc3339(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -32,24 +40,64 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``TIME LEVEL message key=value ...``: a field already said by the message is left
+    out, nested values are flattened to ``outer.inner=value``, and only values with
+    spaces or quotes are quoted."""
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = getattr(record, "fields", {})
-        tail = "".join(f" {k}={_text(v)}" for k, v in fields.items())
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.getMessage()}{tail}"
+        said = {str(a) for a in _args(record)}
+        pairs = _flatten(getattr(record, "fields", {}))
+        tail = "".join(f" {k}={_quote(v)}" for k, v in pairs if v not in said)
+        level = record.levelname.lower()
+        line = f"{_rfc3339(record.created, 3)} {level:<7} {record.getMessage()}{tail}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def _text(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return json.dumps(text) if (" " in text or not text) else text
+def _args(record: logging.LogRecord) -> tuple[Any, ...]:
+    args = record.args
+    if isinstance(args, tuple):
+        return args
+    return () if args is None else (args,)
 
 
-def setup(*, level: str = "info", fmt: str = "json") -> None:
+def _flatten(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            pairs.extend(_flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            pairs.append((name, " ".join(str(v) for v in value)))
+        else:
+            pairs.append((name, str(value)))
+    return pairs
+
+
+def _quote(text: str) -> str:
+    if text and not any(c in text for c in ' "=\\\t\n'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def resolve_format(fmt: str, stream: TextIO | None = None) -> str:
+    """``auto`` becomes ``text`` on a terminal and ``json`` otherwise."""
+    if fmt != "auto":
+        return fmt
+    stream = stream if stream is not None else sys.stderr
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+def setup(*, level: str = "info", fmt: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    json_lines = resolve_format(fmt, sys.stderr) == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

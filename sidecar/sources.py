@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ("dotted", "merge_env", "merge_file")
+__all__ = ("dotted", "env_name", "merge_env", "merge_file")
 
 Raw = dict[str, dict[str, Any]]
 
@@ -19,7 +19,7 @@ def dotted(section: str, key: str) -> str:
     return f"{section}.{key}" if section else key
 
 
-def _env_name(section: str, key: str) -> str:
+def env_name(section: str, key: str) -> str:
     return f"SIDECAR_{section}_{key}".upper() if section else f"SIDECAR_{key}".upper()
 
 
@@ -64,7 +64,7 @@ def merge_env(
     schema: Mapping[str, Mapping[str, Any]],
 ) -> None:
     """Lay ``SIDECAR_*`` variables over ``raw``, recording which variable set each key."""
-    known = {_env_name(s, k): (s, k) for s, keys in schema.items() for k in keys}
+    known = {env_name(s, k): (s, k) for s, keys in schema.items() for k in keys}
     known["SIDECAR_EXIT_HTTP_URL"] = ("exit", "http.url")
     known["SIDECAR_EXIT_HTTP_METHOD"] = ("exit", "http.method")
     sections = tuple(f"SIDECAR_{s.upper()}_" for s in schema if s)

@@ -45,7 +45,6 @@ class Address:
         return f"{host}:{self.port}"
 
 
-
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -57,6 +56,8 @@ def parse_duration(value: Any) -> float:
         return float(value)
     if isinstance(value, str) and (m := _DURATION.match(value)):
         return float(m.group(1)) * _UNITS[m.group(2)]
+    if isinstance(value, str) and _DURATION.match(value.strip().removeprefix("-")):
+        raise ValueError(f"must not be negative, got {value!r}")
     raise ValueError(f"expected a duration like 250ms, 5s, 2m or a number of seconds, got {value!r}")
 
 

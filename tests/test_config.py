@@ -76,6 +76,22 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "drain.delay" in out.stderr and "drain.timeout" in out.stderr
 
 
+def test_problems_of_every_kind_are_reported_in_one_pass(tmp_path: Path) -> None:
+    """An invalid value elsewhere does not hide an over-budget drain (nor an unknown key)."""
+    text = ("logging: {level: loud}\ndrain: {delay: 20s, timeout: 20s, grace_period: 30s, timout: 1s}\n"
+            "listen: 127.0.0.1:9000\nadmin: 127.0.0.1:9000\n")
+    out = sidecar("check-config", "--config", write(tmp_path, text))
+    assert out.returncode == 2
+    for key in ("logging.level", "drain.grace_period", "drain.timout", "admin"):
+        assert f"  {key}" in out.stderr, out.stderr
+
+
+def test_a_negative_duration_is_refused_as_negative() -> None:
+    out = sidecar("check-config", env={"SIDECAR_DRAIN_DELAY": "-5s"})
+    assert out.returncode == 2
+    assert "drain.delay (from SIDECAR_DRAIN_DELAY): must not be negative, got '-5s'" in out.stderr
+
+
 def test_unknown_env_setting_is_an_error_with_a_suggestion() -> None:
     out = sidecar("check-config", env={"SIDECAR_DRAIN_TIMOUT": "5s"})
     assert out.returncode == 2

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +31,8 @@ def _event_times(events: Path, kind: str) -> list[float]:
 
 
 async def _in_flight_done_at(sidecar) -> float:  # type: ignore[no-untyped-def]
-    return float((await sidecar.wait_log("in-flight requests done"))["ts"])
+    stamp = (await sidecar.wait_log("in-flight requests done"))["ts"]
+    return datetime.fromisoformat(stamp).timestamp()  # RFC 3339 UTC
 
 
 async def test_exit_pid_file_signals_the_app_after_the_drain(
