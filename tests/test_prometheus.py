@@ -321,7 +321,7 @@ async def test_prometheus_sees_a_drain_to_its_end_and_fires_only_the_right_alert
     assert prom_rate is not None and client_rate > 0
     assert 0.5 <= prom_rate / client_rate <= 2, (prom_rate, client_rate)
     assert p50 is not None and p99 is not None
-    assert 0.05 <= p50 <= 0.25, p50  # the 50 ms requests sit in the (0.05, 0.1] bucket
+    assert 0.05 <= p50 <= 0.5, p50  # 50 ms requests: (0.05, 0.1] unless the machine is busy
     assert p50 <= p99 <= 2.5, p99
 
     # Prometheus's own rule evaluation: alerts for the aborting drain only, none for clean.
