@@ -232,7 +232,7 @@ import json, sys, yaml
 d = json.load(open(sys.argv[1]))
 exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
 exprs += [a["expr"] for a in d["annotations"]["list"] if "expr" in a]
-subst = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$pod": ".*"}
+subst = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*", "$workload": ".*", "$pod": ".*"}
 def plain(expr):
     for var, value in subst.items():
         expr = expr.replace(var, value)

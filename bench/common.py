@@ -1,4 +1,4 @@
-"""Helpers shared by bench/throughput.py and bench/drain.py.
+"""Helpers shared by bench/throughput.py, bench/drain.py and bench/timeline.py.
 
 Adapted from our team's yardstick kit (shared/bench/benchlib.py), trimmed to what the
 project's benchmarks need, so bench/ has no run-time dependency outside the project.
@@ -56,7 +56,7 @@ class Proc:
 
     def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None):
         self.name, self.argv, self.log_path = name, argv, log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - held for the process's lifetime
         # SIDECAR_* from the caller's shell would silently change what is measured: drop them.
         base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -189,10 +189,51 @@ def machine_busy_seconds() -> float:
     return (user + nice + system) / CLK_TCK
 
 
+def tcp_state(port: int) -> tuple[int, bool]:
+    """(established client connections to 127.0.0.1:port, whether port is listening), from
+    /proc/net/tcp: the same view of any server, nginx or the sidecar, without asking it."""
+    established, listening = 0, False
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                established += 1
+            elif state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                listening = True
+    return established, listening
+
+
+def log_time(ts: object) -> float:
+    """A JSON log line's `ts` as Unix time: epoch seconds, or an RFC 3339 string."""
+    if isinstance(ts, (int, float)):
+        return float(ts)
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(ts)).timestamp()  # "Z" is accepted from 3.11
+
+
+def sidecar_states(log_path: str) -> list[tuple[float, str]]:
+    """(Unix time, state) of every 'state ...' line in a sidecar's JSON log."""
+    import json
+
+    out = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and str(e.get("msg", "")).startswith("state ") and "state" in e:
+                out.append((log_time(e["ts"]), str(e["state"])))
+    return out
+
+
 def versions() -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
             return (r.stdout + r.stderr).strip().splitlines()[0]
         except Exception as e:  # noqa: BLE001
             return f"n/a ({type(e).__name__})"

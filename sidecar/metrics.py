@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ("DRAIN_STATES", "Metrics")
+__all__ = ("BUDGET_KEYS", "DRAIN_STATES", "Metrics")
 
 DRAIN_STATES = ("starting", "serving", "draining", "closing", "drained")
+# The config keys exported as sidecar_<key with _ for .>_seconds gauges (set once at start).
+BUDGET_KEYS = ("drain.delay", "drain.timeout", "exit.wait", "drain.grace_period")
 # Web latency from 5 ms to 60 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
@@ -56,6 +58,13 @@ class Metrics:
             registry=r)
         self.upstream_up = Gauge(
             "sidecar_upstream_up", "1 when the last upstream health probe succeeded", registry=r)
+        # The configured drain budget, so alerts and dashboards compare a drain with the
+        # budget of its own pod instead of one hard-coded grace period for every workload.
+        self.budget = {
+            key: Gauge(f"sidecar_{key.replace('.', '_')}_seconds",
+                       f"Configured {key} in seconds (set at start)", registry=r)
+            for key in BUDGET_KEYS
+        }
 
         # Every labelled series exists from startup, at zero.
         for reason in ("draining", "starting"):
@@ -83,6 +92,11 @@ class Metrics:
         self.requests_in_flight.set_function(in_flight)
         self.connections_open.set_function(connections)
         self.websockets_open.set_function(websockets)
+
+    def set_budget(self, budget: dict[str, float]) -> None:
+        """Export the configured drain budget (seconds), keyed by config key (BUDGET_KEYS)."""
+        for key, gauge in self.budget.items():
+            gauge.set(budget[key])
 
     def request_done(self, method: str, code: int, seconds: float) -> None:
         """Count one answered request: the hot path, one dict lookup when warm."""

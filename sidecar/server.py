@@ -40,6 +40,8 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     health = Health(config.upstream, metrics=metrics, gating=gating, on_first_healthy=drain.mark_serving)
     admin = Admin(config, drain=drain, metrics=metrics, health=health,
                   connections=lambda: proxy.connections, websockets=lambda: len(proxy.websockets))
+    metrics.set_budget({"drain.delay": config.drain.delay, "drain.timeout": config.drain.timeout,
+                        "exit.wait": config.exit.wait, "drain.grace_period": config.drain.grace_period})
     metrics.watch(in_flight=lambda: len(drain), connections=lambda: proxy.connections,
                   websockets=lambda: len(proxy.websockets))
 

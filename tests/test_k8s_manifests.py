@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.metrics import BUDGET_KEYS
 from tests.kustomize import DEPLOY, KUBECTL, needs_kubectl, render, seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,9 @@ CONTRACT_METRICS = {
     "sidecar_drain_state", "sidecar_drain_started_timestamp_seconds",
     "sidecar_drain_duration_seconds", "sidecar_upstream_up",
 }
+# The configured budget (sidecar.metrics.BUDGET_KEYS), which rules and dashboard compare with.
+BUDGET_METRICS = {f"sidecar_{key.replace('.', '_')}_seconds" for key in BUDGET_KEYS}
+EXPORTED_METRICS = CONTRACT_METRICS | BUDGET_METRICS
 
 
 def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -245,8 +249,8 @@ def test_prometheusrule_carries_the_promtool_tested_rules_file() -> None:
 
 
 def test_alerts_cover_aborts_slow_drains_and_a_down_upstream() -> None:
-    """Three alerts, on the contract's metrics; the slow-drain threshold is 80% of the pod's
-    terminationGracePeriodSeconds."""
+    """Three alerts, on the metrics the sidecar exports; the slow-drain threshold is 80% of each
+    pod's own exported grace period, with no grace period written into the rule."""
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert set(rules) == {"SidecarDrainAbortedRequests", "SidecarDrainNearGracePeriod",
                           "SidecarUpstreamDown"}
@@ -254,12 +258,12 @@ def test_alerts_cover_aborts_slow_drains_and_a_down_upstream() -> None:
     assert "sidecar_upstream_up" in rules["SidecarUpstreamDown"]["expr"]
     slow = rules["SidecarDrainNearGracePeriod"]["expr"]
     assert "sidecar_drain_duration_seconds" in slow
-    m = re.search(r">\s*0\.8\s*\*\s*(\d+)", slow)
-    assert m, slow
-    if KUBECTL is not None:
-        assert float(m.group(1)) == Pod(render("base")).grace
+    assert re.search(r">\s*0\.8\s*\*\s*max by \(namespace, pod\) \(max_over_time\("
+                     r"sidecar_drain_grace_period_seconds\[", slow), slow
+    numbers = set(re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", slow))
+    assert numbers == {"0.8"}, f"hard-coded numbers besides the 80% in {slow!r}"
     for rule in rules.values():
-        assert metric_names(rule["expr"]) <= CONTRACT_METRICS
+        assert metric_names(rule["expr"]) <= EXPORTED_METRICS
 
 
 @needs_kubectl
@@ -278,23 +282,64 @@ def test_podmonitor_scrapes_admin_metrics_often_enough_to_see_a_drains_end() -> 
 
 def test_dashboard_shows_traffic_and_drains_with_contract_metrics() -> None:
     """The Grafana dashboard has a panel for in-flight, rate by code, rejected, aborted, drain
-    state and drain duration, and queries only metrics the contract names."""
+    state and drain duration (against each pod's own grace period, no fixed seconds), and
+    queries only metrics the sidecar exports, every one filtered by namespace, workload, pod."""
     board = json.loads(DASHBOARD.read_text())
     panels = [p for p in board["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
     queried: dict[str, set[str]] = {}
+    exprs = [a["expr"] for a in board["annotations"]["list"] if "expr" in a]
     for panel in panels:
         assert panel.get("description"), f"panel {panel['title']!r} needs a description"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             queried.setdefault(panel["title"], set()).update(metric_names(target["expr"]))
+            exprs.append(target["expr"])
     everything = set().union(*queried.values())
-    assert everything <= CONTRACT_METRICS
+    assert everything <= EXPORTED_METRICS
     assert {"sidecar_requests_in_flight", "sidecar_requests_total",
             "sidecar_requests_rejected_total", "sidecar_requests_aborted_total",
-            "sidecar_drain_state", "sidecar_drain_duration_seconds"} <= everything
+            "sidecar_drain_state", "sidecar_drain_duration_seconds",
+            "sidecar_drain_grace_period_seconds"} <= everything
     assert 'by (code)' in " ".join(t["expr"] for p in panels for t in p["targets"]
                                    if "sidecar_requests_total" in t["expr"])
+    variables = [v["name"] for v in board["templating"]["list"]]
+    assert variables == ["datasource", "namespace", "workload", "pod"]
+    for expr in exprs:
+        for selector in re.findall(r"sidecar_[a-z_]+\{([^}]*)\}", expr):
+            for var in ("namespace", "workload", "pod"):
+                assert f'{var}=~"${var}"' in selector, f"{var} filter missing in {expr!r}"
+    # Thresholds are shares of the grace period (the alert's 80%), not seconds of one workload.
+    (duration,) = [p for p in panels if "sidecar_drain_duration_seconds" in queried[p["title"]]]
+    defaults = duration["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit" and defaults["max"] == 1
+    steps = [s["value"] for s in defaults["thresholds"]["steps"]]
+    assert steps[0] is None and 0.8 in steps and all(v <= 1 for v in steps[1:])
+
+
+@needs_kubectl
+def test_podmonitor_labels_series_with_their_workload() -> None:
+    """The PodMonitor adds the `workload` label the dashboard filters by: the controller's name,
+    the ReplicaSet hash of a Deployment's pods cut off."""
+    monitor = one(render("monitoring"), "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    relabel = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "workload"]
+    assert relabel
+    controller = ["__meta_kubernetes_pod_controller_kind", "__meta_kubernetes_pod_controller_name"]
+
+    def workload(kind: str, name: str) -> str | None:
+        value = None  # relabeling as Prometheus does it: anchored regex, last match wins
+        for r in relabel:
+            assert r["sourceLabels"] == controller
+            m = re.fullmatch(r["regex"], f"{kind};{name}")
+            if m:
+                value = m.expand(r["replacement"].replace("$", "\\"))
+        return value
+
+    assert workload("ReplicaSet", "demo-7c9d8b6f5") == "demo"
+    assert workload("ReplicaSet", "shop-api-5d4f9bq2x") == "shop-api"
+    assert workload("StatefulSet", "db") == "db"
+    assert workload("DaemonSet", "node-agent") == "node-agent"
 
 
 @needs_kubectl
