@@ -163,7 +163,8 @@ def _service_link_warning(spec: dict[str, Any], services: list[dict[str, Any]]) 
     if spec.get("enableServiceLinks") is False:
         return []
     names = [str((s.get("metadata") or {}).get("name", "")) for s in services]
-    bad = [n for n in names if n.upper().replace("-", "_").startswith(_OUR_SECTIONS)]
+    bad = [n for n in names if (n.upper().replace("-", "_") + "_SERVICE_HOST").startswith(
+        _OUR_SECTIONS)]
     return [f"  warning: Service {n!r} becomes SIDECAR_* variables through service links, "
             "which the sidecar reads as config: set enableServiceLinks: false" for n in bad]
 

@@ -100,6 +100,8 @@ def workload_config(
         for problem in exc.problems:
             for env, annotation in origin.items():
                 problem = problem.replace(f"(from {env})", f"(annotation {annotation})")
+            if "(annotation " not in problem and origin:  # e.g. the budget check
+                problem += f" (annotations {', '.join(sorted(origin.values()))})"
             problems.append(problem)
         raise ConfigError(problems) from None
     if config.admin_token is not None:
