@@ -41,6 +41,7 @@ LABEL = ("drain-sidecar", "enabled")      # what deploy/monitoring's PodMonitor 
 STATUS = PREFIX + "status"
 ORIGINAL = PREFIX + "original"
 _THIRD_PARTY = ("istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar")
+_MESH_INJECT = {"sidecar.istio.io/inject": "true", "linkerd.io/inject": "enabled"}
 _SLEEP_SHELLS = (["sh", "-c"], ["/bin/sh", "-c"], ["bash", "-c"], ["/bin/bash", "-c"])
 
 
@@ -154,6 +155,11 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
         if c.get("name") in _THIRD_PARTY:
             warnings.append(f"container {c['name']!r} is another proxy: its traffic capture "
                             "and shutdown order are not coordinated with the drain")
+    marks = {**(meta.get("labels") or {}), **annotations}
+    for key, value in _MESH_INJECT.items():
+        if str(marks.get(key, "")).lower() == value:
+            warnings.append(f"{key}: {value}: a mesh proxy will be added too; its traffic "
+                            "capture and shutdown order are not coordinated with the drain")
     try:
         app = choose_port(containers, control.get("port"))
     except ValueError as exc:

@@ -119,11 +119,13 @@ def _report(name: str, outcome: Outcome) -> list[str]:
             + [f"  warning: {w}" for w in outcome.warnings])
 
 
-def _selects(service: dict[str, Any], obj: dict[str, Any], labels: dict[str, str]) -> bool:
-    same_ns = ((service.get("metadata") or {}).get("namespace")
+def _selects(other: dict[str, Any], selector: dict[str, Any], obj: dict[str, Any],
+             labels: dict[str, str]) -> bool:
+    """Whether ``other`` (a Service, a NetworkPolicy) in the same namespace as workload ``obj``
+    selects its pods (labelled ``labels``) with ``selector`` (an empty one selects all)."""
+    same_ns = ((other.get("metadata") or {}).get("namespace")
                == (obj.get("metadata") or {}).get("namespace"))
-    selector = (service.get("spec") or {}).get("selector") or {}
-    return same_ns and bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+    return same_ns and all(labels.get(k) == v for k, v in selector.items())
 
 
 def _retarget(name: str, outcome: Outcome, services: list[dict[str, Any]],
@@ -133,8 +135,9 @@ def _retarget(name: str, outcome: Outcome, services: list[dict[str, Any]],
     assert app is not None
     lines, selected = [], False
     for service in services:
-        if not _selects(service, obj, outcome.labels):
-            continue
+        selector = (service.get("spec") or {}).get("selector") or {}
+        if not selector or not _selects(service, selector, obj, outcome.labels):
+            continue  # a Service without a selector has its endpoints managed by hand
         selected = True
         annotations = (service.get("metadata") or {}).get("annotations") or {}
         if _SERVICE_PORTS in annotations:
@@ -159,6 +162,26 @@ def _retarget(name: str, outcome: Outcome, services: list[dict[str, Any]],
     return lines
 
 
+def _policy_warnings(name: str, outcome: Outcome, policies: list[dict[str, Any]],
+                     obj: dict[str, Any]) -> list[str]:
+    """A NetworkPolicy in the input that admits the app's port by number no longer admits the
+    clients, who now arrive on the sidecar's port."""
+    app = outcome.app_port
+    assert app is not None
+    lines = []
+    for policy in policies:
+        spec = policy.get("spec") or {}
+        selector = (spec.get("podSelector") or {}).get("matchLabels") or {}
+        if not _selects(policy, selector, obj, outcome.labels):
+            continue
+        for rule in spec.get("ingress") or []:
+            if any(str(p.get("port")) == str(app.number) for p in rule.get("ports") or []):
+                lines.append(f"  warning: {_name(policy)} admits port {app.number} (the app) to "
+                             f"{name}: add port {outcome.sidecar_port} (the sidecar) to that rule")
+                break
+    return lines
+
+
 def _service_link_warning(spec: dict[str, Any], services: list[dict[str, Any]]) -> list[str]:
     if spec.get("enableServiceLinks") is False:
         return []
@@ -173,6 +196,7 @@ def inject_all(docs: list[Document], options: Options) -> list[str]:
     """Inject every workload in place; the report lines. InjectError lists every problem."""
     objects = [o for d in docs for o in _objects(d.obj)]
     services = [o for o in objects if o.get("kind") == "Service"]
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
     report: list[str] = []
     problems: list[str] = []
     for obj in objects:
@@ -189,6 +213,7 @@ def inject_all(docs: list[Document], options: Options) -> list[str]:
         if outcome.result == "injected":
             node["metadata"] = meta
             report += _retarget(name, outcome, services, obj)
+            report += _policy_warnings(name, outcome, policies, obj)
             report += _service_link_warning(spec, services)
     if problems:
         raise InjectError(problems)

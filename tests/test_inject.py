@@ -391,18 +391,29 @@ def test_a_config_with_an_admin_token_is_refused(tmp_path: Path) -> None:
     assert "admin_token: inject writes no secrets into manifests" in done.stderr
 
 
-def test_warns_about_host_network_another_proxy_and_service_links(tmp_path: Path) -> None:
+def test_warns_about_what_the_user_must_look_at(tmp_path: Path) -> None:
+    """Injected, with a warning each: hostNetwork (ports shared with the node), another proxy
+    container or mesh injection, a Service whose name service links would turn into SIDECAR_*
+    variables, and a NetworkPolicy that admits only the app's port number."""
     docs = load_docs(MANIFESTS / "api-numeric.yaml")
-    spec = template(docs[0])["spec"]
-    spec["hostNetwork"] = True
-    spec["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2:1.22.0"})
+    pod = template(docs[0])
+    pod["spec"]["hostNetwork"] = True
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2:1.22.0"})
+    pod["metadata"]["annotations"] = {"linkerd.io/inject": "enabled"}
     link = copy.deepcopy(docs[1])
     link["metadata"]["name"] = "sidecar-drain"
-    done = sidecar("inject", str(write(tmp_path, [*docs, link])))
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "api"},
+              "spec": {"podSelector": {"matchLabels": {"app": "api"}},
+                       "ingress": [{"ports": [{"port": 8000}]}]}}
+    done = sidecar("inject", str(write(tmp_path, [*docs, link, policy])))
     assert done.returncode == 0, done.stderr
     assert "warning: hostNetwork: true" in done.stderr
     assert "warning: container 'istio-proxy' is another proxy" in done.stderr
+    assert "warning: linkerd.io/inject: enabled: a mesh proxy will be added too" in done.stderr
     assert "warning: Service 'sidecar-drain' becomes SIDECAR_* variables" in done.stderr
+    assert ("warning: networkpolicy/api admits port 8000 (the app) to deployment/api: add port "
+            "8080 (the sidecar)") in done.stderr
 
 
 # ---- the injected manifests are valid Kubernetes objects -----------------------------------------
