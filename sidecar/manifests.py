@@ -61,6 +61,18 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
+def _parse(name: str, text: str) -> list[Any]:
+    if text.lstrip().startswith("{"):  # JSON may be indented with tabs, which YAML forbids
+        try:
+            return [json.loads(text)]
+        except ValueError:
+            pass
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{name}: not valid YAML: {exc}") from None
+
+
 def read(paths: list[str], stdin: TextIO = sys.stdin) -> list[Document]:
     """Every non-empty document of every input, in order."""
     docs = []
@@ -73,11 +85,7 @@ def read(paths: list[str], stdin: TextIO = sys.stdin) -> list[Document]:
                 raise InputError(f"{name}: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise InputError(f"{name}: not UTF-8 text") from None
-            try:
-                docs += [Document(name, d) for d in yaml.load_all(text, Loader=_Loader)
-                         if d is not None]
-            except yaml.YAMLError as exc:
-                raise InputError(f"{name}: not valid YAML: {exc}") from None
+            docs += [Document(name, d) for d in _parse(name, text) if d is not None]
     return docs
 
 

@@ -75,6 +75,8 @@ def env(c: dict[str, Any]) -> dict[str, str]:
 
 def load_docs(path: Path) -> list[Any]:
     """The documents as Kubernetes reads them (an unquoted date is a string, not a date)."""
+    if path.suffix == ".json":
+        return [json.loads(path.read_text())]
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     return list(json.loads(json.dumps(docs, default=str)))
 
@@ -246,6 +248,8 @@ def test_other_documents_pass_through_unchanged_in_meaning() -> None:
     assert find(docs, "Service", "web") == before[("Service", "web")]
     skipped = load_docs(MANIFESTS / "more" / "skipped.yaml")
     assert [find(docs, "Deployment", n) for n in ("opted-out", "worker")] == skipped
+    # JSON indented with tabs (which YAML forbids) is read as JSON.
+    assert [find(docs, "PodDisruptionBudget", "web")] == load_docs(MANIFESTS / "more" / "pdb.json")
 
 
 def test_stdin_in_and_json_out() -> None:
@@ -283,7 +287,8 @@ def test_uninject_restores_every_kind_exactly(mode: list[str], tmp_path: Path) -
     (tmp_path / "injected.yaml").write_text(once.stdout)
     back = sidecar("uninject", str(tmp_path / "injected.yaml"))
     assert back.returncode == 0, back.stderr
-    original = [d for p in sorted(MANIFESTS.rglob("*.yaml")) for d in load_docs(p)]
+    original = [d for p in sorted(MANIFESTS.rglob("*")) if p.suffix in (".yaml", ".json")
+                for d in load_docs(p)]
     assert [d for d in yaml.safe_load_all(back.stdout) if d] == original
     assert "service/api targetPort restored" in back.stderr
     assert "statefulset/search uninjected" in back.stderr
