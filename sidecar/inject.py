@@ -140,9 +140,11 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
         return Outcome("skipped", f"annotation {PREFIX}inject: disabled")
     containers: list[dict[str, Any]] = spec.get("containers") or []
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
-    if (meta.get("labels") or {}).get(LABEL[0]) == LABEL[1] or any(
-            c.get("name") in (CONTAINER, "sidecar") for c in containers + inits):
-        return Outcome("skipped", "it already has a drain sidecar (deploy/ layout?)")
+    if (meta.get("labels") or {}).get(LABEL[0]) == LABEL[1]:
+        return Outcome("skipped", f"label {LABEL[0]}: {LABEL[1]}: it already has a drain "
+                                  "sidecar (the deploy/ layout)")
+    if any(c.get("name") == CONTAINER for c in containers + inits):
+        return Outcome("skipped", f"a container is already named {CONTAINER}")
     if batch and options.classic:
         return Outcome("skipped", "a regular sidecar container would keep the Job from "
                                   "completing; inject it as a native sidecar (without --classic)")
@@ -169,6 +171,10 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
                        warnings=[*warnings, ("no container port to front: give the app's "
                                  "containerPort, or annotate it sidecar.drain/inject: disabled")])
     app_container = containers[app.container]
+    for port in app_container.get("ports") or []:
+        if port.get("containerPort") == app.number and port.get("hostPort"):
+            warnings.append(f"port {app.number} has hostPort {port['hostPort']}: traffic to "
+                            "the node's port reaches the app past the sidecar")
     hook = (app_container.get("lifecycle") or {}).get("preStop")
     notes: list[str] = []
     if hook is not None:

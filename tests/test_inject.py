@@ -308,7 +308,8 @@ def test_a_manifest_with_the_deploy_layout_is_left_alone() -> None:
     """deploy/base's Deployment already carries the sidecar: skipped, with the reason."""
     done = sidecar("inject", str(ROOT / "deploy" / "base" / "deployment.yaml"))
     assert done.returncode == 0
-    assert "deployment/demo skipped (it already has a drain sidecar" in done.stderr
+    assert ("deployment/demo skipped (label drain-sidecar: enabled: it already has a drain "
+            "sidecar") in done.stderr
     assert yaml.safe_load(done.stdout) == load_docs(ROOT / "deploy/base/deployment.yaml")[0]
 
 
@@ -397,12 +398,14 @@ def test_a_config_with_an_admin_token_is_refused(tmp_path: Path) -> None:
 
 
 def test_warns_about_what_the_user_must_look_at(tmp_path: Path) -> None:
-    """Injected, with a warning each: hostNetwork (ports shared with the node), another proxy
+    """Injected, with a warning each: hostNetwork (ports shared with the node), a hostPort on the
+    app's port (a way past the sidecar), another proxy
     container or mesh injection, a Service whose name service links would turn into SIDECAR_*
     variables, and a NetworkPolicy that admits only the app's port number."""
     docs = load_docs(MANIFESTS / "api-numeric.yaml")
     pod = template(docs[0])
     pod["spec"]["hostNetwork"] = True
+    pod["spec"]["containers"][0]["ports"][0]["hostPort"] = 8000
     pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2:1.22.0"})
     pod["metadata"]["annotations"] = {"linkerd.io/inject": "enabled"}
     link = copy.deepcopy(docs[1])
@@ -414,6 +417,8 @@ def test_warns_about_what_the_user_must_look_at(tmp_path: Path) -> None:
     done = sidecar("inject", str(write(tmp_path, [*docs, link, policy])))
     assert done.returncode == 0, done.stderr
     assert "warning: hostNetwork: true" in done.stderr
+    assert "warning: port 8000 has hostPort 8000: traffic to the node's port reaches the app" \
+        in done.stderr
     assert "warning: container 'istio-proxy' is another proxy" in done.stderr
     assert "warning: linkerd.io/inject: enabled: a mesh proxy will be added too" in done.stderr
     assert "warning: Service 'sidecar-drain' becomes SIDECAR_* variables" in done.stderr
