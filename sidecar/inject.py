@@ -196,18 +196,24 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     for wanted, got in ((base.listen.port, listen_port), (base.admin.port, admin_port)):
         if wanted != got:
             notes.append(f"port {wanted} is taken in the pod: the sidecar uses {got}")
+    current = spec.get("terminationGracePeriodSeconds", 30)
+    longer = current if isinstance(current, int) and current > base.drain.grace_period else None
     try:
         config = workload_config(
             options.config_path, annotations,
             listen=str(Address(base.listen.host, listen_port)),
             admin=str(Address(base.admin.host, admin_port)),
-            upstream=f"http://127.0.0.1:{app.number}")
+            upstream=f"http://127.0.0.1:{app.number}", grace_period=longer)
     except ConfigError as exc:
         raise InjectError(exc.problems) from None
 
     original = copy.deepcopy({"labels": meta.get("labels"),
                               "annotations": meta.get("annotations"), "spec": spec})
     listen_name, admin_name = sidecar_port_names(containers + inits, app)
+    if admin_name != "admin":
+        warnings.append(f"the pod already has a port named 'admin': the sidecar's is "
+                        f"{admin_name!r}, which deploy/monitoring's PodMonitor (port: admin) "
+                        "does not scrape")
     if app.name is not None:
         new_name = rename_port(app_container, app.name, containers + inits)
         notes.append(f"port {app.name!r} of container {app_container['name']!r} is now "
@@ -223,7 +229,6 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     else:
         spec.setdefault("initContainers", []).append(sidecar)
     grace = math.ceil(config.drain.grace_period)
-    current = spec.get("terminationGracePeriodSeconds", 30)
     if current < grace:
         spec["terminationGracePeriodSeconds"] = grace
         warnings.append(f"terminationGracePeriodSeconds raised from {current} to {grace} "

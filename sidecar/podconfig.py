@@ -87,21 +87,30 @@ def workload_config(
     listen: str,
     admin: str,
     upstream: str,
+    grace_period: int | None = None,
 ) -> Config:
-    """The effective config of one workload's sidecar; ConfigError problems name annotations."""
+    """The effective config of one workload's sidecar; ConfigError problems name annotations.
+
+    ``grace_period`` (the pod's terminationGracePeriodSeconds, when it is longer than the
+    config's) becomes drain.grace_period unless an annotation sets that.
+    """
     _, overrides = read_annotations(annotations)
-    origin = {_env_name(TUNABLE[name[len(PREFIX):]]): name for name in annotations
+    origin = {_env_name(TUNABLE[name[len(PREFIX):]]): f"annotation {name}" for name in annotations
               if name.startswith(PREFIX) and name[len(PREFIX):] in TUNABLE}
+    grace_env = _env_name("drain.grace_period")
+    if grace_period is not None and grace_env not in overrides:
+        overrides[grace_env] = f"{grace_period}s"
+        origin[grace_env] = "the pod's terminationGracePeriodSeconds"
     try:
         config = load(config_path, env=overrides,
                       flags={"listen": listen, "admin": admin, "upstream": upstream})
     except ConfigError as exc:
         problems = []
         for problem in exc.problems:
-            for env, annotation in origin.items():
-                problem = problem.replace(f"(from {env})", f"(annotation {annotation})")
-            if "(annotation " not in problem and origin:  # e.g. the budget check
-                problem += f" (annotations {', '.join(sorted(origin.values()))})"
+            for env, where in origin.items():
+                problem = problem.replace(f"(from {env})", f"({where})")
+            if not any(where in problem for where in origin.values()) and origin:
+                problem += f" ({', '.join(sorted(origin.values()))})"  # e.g. the budget check
             problems.append(problem)
         raise ConfigError(problems) from None
     if config.admin_token is not None:

@@ -148,6 +148,27 @@ def test_the_injected_env_is_the_config_the_sidecar_runs_with(tmp_path: Path) ->
     assert str(effective.listen) == "0.0.0.0:8080"
 
 
+def test_a_longer_pod_grace_period_is_the_sidecars_budget(tmp_path: Path) -> None:
+    """terminationGracePeriodSeconds: 60 lets the workload ask for drain.timeout 45s: the pod's
+    grace period becomes drain.grace_period (and stays 60); without it, the same annotation is
+    over budget and the error says where each number came from."""
+    docs = load_docs(MANIFESTS / "replicaset.yaml")
+    pod = template(docs[0])
+    pod["metadata"]["annotations"] = {"sidecar.drain/timeout": "45s"}
+    pod["spec"]["terminationGracePeriodSeconds"] = 60
+    out, _ = inject(str(write(tmp_path, docs)))
+    spec = template(out[0])["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 60
+    side = env(container(spec, "drain-sidecar"))
+    assert side["SIDECAR_DRAIN_GRACE_PERIOD"] == "60s" and side["SIDECAR_DRAIN_TIMEOUT"] == "45s"
+    pod["spec"]["terminationGracePeriodSeconds"] = 40
+    done = sidecar("inject", str(write(tmp_path, docs)))
+    assert done.returncode == 2 and done.stdout == ""
+    assert ("exceeds drain.grace_period 40s" in done.stderr
+            and "annotation sidecar.drain/timeout, the pod's terminationGracePeriodSeconds"
+            in done.stderr), done.stderr
+
+
 def test_classic_adds_a_regular_container() -> None:
     """--classic: the sidecar is a regular container next to the app, with no startupProbe
     or restartPolicy (Kubernetes before 1.29)."""
@@ -399,15 +420,18 @@ def test_a_config_with_an_admin_token_is_refused(tmp_path: Path) -> None:
 
 def test_warns_about_what_the_user_must_look_at(tmp_path: Path) -> None:
     """Injected, with a warning each: hostNetwork (ports shared with the node), a hostPort on the
-    app's port (a way past the sidecar), another proxy
+    app's port (a way past the sidecar), a port named admin (the PodMonitor's), another proxy
     container or mesh injection, a Service whose name service links would turn into SIDECAR_*
     variables, and a NetworkPolicy that admits only the app's port number."""
     docs = load_docs(MANIFESTS / "api-numeric.yaml")
     pod = template(docs[0])
     pod["spec"]["hostNetwork"] = True
     pod["spec"]["containers"][0]["ports"][0]["hostPort"] = 8000
+    pod["spec"]["containers"].append({"name": "debug", "image": "busybox:1.36",
+                                      "ports": [{"name": "admin", "containerPort": 7000}]})
+    pod["metadata"]["annotations"] = {"sidecar.drain/port": "8000"}
     pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2:1.22.0"})
-    pod["metadata"]["annotations"] = {"linkerd.io/inject": "enabled"}
+    pod["metadata"]["annotations"]["linkerd.io/inject"] = "enabled"
     link = copy.deepcopy(docs[1])
     link["metadata"]["name"] = "sidecar-drain"
     policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -417,6 +441,7 @@ def test_warns_about_what_the_user_must_look_at(tmp_path: Path) -> None:
     done = sidecar("inject", str(write(tmp_path, [*docs, link, policy])))
     assert done.returncode == 0, done.stderr
     assert "warning: hostNetwork: true" in done.stderr
+    assert "the sidecar's is 'drain-admin', which deploy/monitoring's PodMonitor" in done.stderr
     assert "warning: port 8000 has hostPort 8000: traffic to the node's port reaches the app" \
         in done.stderr
     assert "warning: container 'istio-proxy' is another proxy" in done.stderr
