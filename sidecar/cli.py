@@ -158,11 +158,17 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                         help=f"sidecar image (default {DEFAULT_IMAGE}, as the Dockerfile builds it)")
     inject.add_argument("--classic", action="store_true",
                         help="a regular container instead of a native sidecar (Kubernetes < 1.29)")
-    inject.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
-    uninject = sub.add_parser("uninject", help="remove what inject added: workloads come back "
-                                               "exactly as they were")
+    output = {"choices": ("yaml", "json"), "default": "yaml",
+              "help": "output format (default yaml; json: one object, or a List of several)"}
+    inject.add_argument("-o", "--output", **output)  # type: ignore[arg-type]
+    uninject = sub.add_parser(
+        "uninject", help="remove what inject added: workloads come back exactly as they were",
+        description="Write the manifests to stdout with every injected workload restored from "
+                    "its sidecar.drain/original annotation and every Service targetPort that "
+                    "inject rewrote put back; a report on stderr. Exit 0, 2 for unreadable "
+                    "input, 1 if the output cannot be written.")
     uninject.add_argument("inputs", **inputs)  # type: ignore[arg-type]
-    uninject.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    uninject.add_argument("-o", "--output", **output)  # type: ignore[arg-type]
 
 
 def _inject(args: argparse.Namespace) -> int:
@@ -170,6 +176,9 @@ def _inject(args: argparse.Namespace) -> int:
     from .manifests import InputError, dump, inject_all, read, uninject_all
 
     verb = f"sidecar {args.command}"
+    if not args.inputs and sys.stdin.isatty():
+        print(f"{verb}: give FILE, DIR or - (stdin is a terminal)", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         docs = read(args.inputs)
         if args.command == "inject":

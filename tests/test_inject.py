@@ -408,6 +408,17 @@ def test_unreadable_input_exits_2(problem: str, text: str | None, message: str,
     assert done.returncode == 2 and done.stdout == "" and message in done.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_output_that_cannot_be_written_exits_1() -> None:
+    """A runtime failure, not bad input: exit 1 with the reason."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "sidecar", "inject",
+                               str(MANIFESTS / "web.yaml")], cwd=ROOT, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "sidecar inject: cannot write the output: [Errno 28]" in done.stderr
+
+
 def test_a_config_with_an_admin_token_is_refused(tmp_path: Path) -> None:
     """inject never writes a secret into a manifest: a token in --config is an error saying
     how to pass it from a Secret instead."""
