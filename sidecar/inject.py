@@ -19,7 +19,14 @@ from typing import Any
 
 from . import __version__
 from .config import Address, Config, ConfigError
-from .podconfig import PREFIX, config_digest, container_env, read_annotations, workload_config
+from .podconfig import (
+    PREFIX,
+    RESOURCES,
+    config_digest,
+    container_env,
+    read_annotations,
+    workload_config,
+)
 from .podports import AppPort, choose_port, free_port_number, rename_port, sidecar_port_names
 
 __all__ = (
@@ -97,8 +104,14 @@ def _sleep_seconds(hook: dict[str, Any]) -> float | None:
 
 
 def _sidecar(options: Options, image: str, env: list[dict[str, str]],
-             listen: tuple[str, int], admin: tuple[str, int]) -> dict[str, Any]:
+             listen: tuple[str, int], admin: tuple[str, int],
+             control: dict[str, str]) -> dict[str, Any]:
     """The injected container, locked down like deploy/base's sidecar."""
+    resources = {"requests": {"cpu": "100m", "memory": "64Mi"},
+                 "limits": {"cpu": "1", "memory": "256Mi"}}
+    for key, (kind, name) in RESOURCES.items():
+        if key in control:
+            resources[kind][name] = control[key].strip()
     probe = {"periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 1}
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -109,8 +122,7 @@ def _sidecar(options: Options, image: str, env: list[dict[str, str]],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": admin[0]}, **probe},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": admin[0]},
                           "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                      "limits": {"cpu": "1", "memory": "256Mi"}},
+        "resources": resources,
         "securityContext": {
             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
             "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
@@ -223,7 +235,7 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
 
     image = control.get("image") or options.image
     sidecar = _sidecar(options, image, container_env(config),
-                       (listen_name, listen_port), (admin_name, admin_port))
+                       (listen_name, listen_port), (admin_name, admin_port), control)
     if options.classic:
         containers.append(sidecar)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from .values import parse_choice
 __all__ = (
     "CONTROL",
     "PREFIX",
+    "RESOURCES",
     "TUNABLE",
     "config_digest",
     "container_env",
@@ -31,7 +33,11 @@ PREFIX = "sidecar.drain/"
 
 # Annotations that steer the injection itself (not sidecar config keys).  ``status`` and
 # ``original`` are written by inject; the others are the user's.
-CONTROL = ("inject", "port", "image", "status", "original")
+CONTROL = ("inject", "port", "image", "cpu", "memory", "cpu-limit", "memory-limit", "status",
+           "original")
+RESOURCES = {"cpu": ("requests", "cpu"), "memory": ("requests", "memory"),
+             "cpu-limit": ("limits", "cpu"), "memory-limit": ("limits", "memory")}
+_QUANTITY = re.compile(r"^(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
 
 # What inject sets per workload: never taken from an annotation.
 _MANAGED = {"listen", "admin", "admin_token", "upstream.url"}
@@ -68,10 +74,14 @@ def read_annotations(annotations: Mapping[str, Any]) -> tuple[dict[str, str], di
         elif short in TUNABLE:
             overrides[_env_name(TUNABLE[short])] = str(value)
         else:
-            known = [PREFIX + k for k in (*CONTROL[:3], *TUNABLE)]
+            known = [PREFIX + k for k in (*CONTROL[:-2], *TUNABLE)]
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"annotation {name}: unknown annotation{hint}")
+    for key in RESOURCES:
+        if key in control and not _QUANTITY.match(control[key].strip()):
+            raise ValueError(f"annotation {PREFIX}{key}: expected a Kubernetes quantity such as "
+                             f"100m, 0.5, 64Mi or 1Gi, got {control[key]!r}")
     if "inject" in control:
         try:
             control["inject"] = parse_choice("enabled", "disabled")(control["inject"])

@@ -169,6 +169,23 @@ def test_a_longer_pod_grace_period_is_the_sidecars_budget(tmp_path: Path) -> Non
             in done.stderr), done.stderr
 
 
+def test_resource_annotations_size_the_sidecar(tmp_path: Path) -> None:
+    """sidecar.drain/cpu, memory, cpu-limit, memory-limit set the container's requests and
+    limits (the others keep deploy/base's values); a value that is no quantity is exit 2."""
+    docs = load_docs(MANIFESTS / "replicaset.yaml")
+    template(docs[0])["metadata"]["annotations"] = {"sidecar.drain/cpu": "250m",
+                                                    "sidecar.drain/memory-limit": "512Mi"}
+    out, _ = inject(str(write(tmp_path, docs)))
+    side = container(template(out[0])["spec"], "drain-sidecar")
+    assert side["resources"] == {"requests": {"cpu": "250m", "memory": "64Mi"},
+                                 "limits": {"cpu": "1", "memory": "512Mi"}}
+    template(docs[0])["metadata"]["annotations"]["sidecar.drain/memory"] = "lots"
+    done = sidecar("inject", str(write(tmp_path, docs)))
+    assert done.returncode == 2 and done.stdout == ""
+    assert ("replicaset/legacy: annotation sidecar.drain/memory: expected a Kubernetes quantity"
+            in done.stderr)
+
+
 def test_classic_adds_a_regular_container() -> None:
     """--classic: the sidecar is a regular container next to the app, with no startupProbe
     or restartPolicy (Kubernetes before 1.29)."""
