@@ -1,4 +1,4 @@
-"""Command line: ``sidecar run``, ``sidecar drain``, ``sidecar check-config``.
+"""Command line: ``sidecar run``, ``drain``, ``check-config``, ``inject`` and ``uninject``.
 
 The only module that calls ``sys.exit``.  Exit codes: 0 fine, 1 runtime failure,
 2 bad configuration or usage (before any port is bound); ``sidecar drain`` also
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     _config_flag(check)
+    _add_inject_commands(sub)
     return parser
 
 
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "drain":
         return _drain(args)
+    if args.command in ("inject", "uninject"):
+        return _inject(args)
     return _run(args, command)
 
 
@@ -171,4 +174,75 @@ def _drain(args: argparse.Namespace) -> int:
         print(f"sidecar drain: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(summary))
+    return EXIT_OK
+
+
+# ---- sidecar inject / uninject ------------------------------------------------------------------
+
+def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .inject import DEFAULT_IMAGE
+
+    inputs = {"nargs": "*", "metavar": "FILE|DIR|-",
+              "help": "manifests: files, directories (recursively), - for stdin (the default)"}
+    inject = sub.add_parser(
+        "inject", help="add the sidecar to the workloads in Kubernetes manifests",
+        description="Write the manifests to stdout with the drain sidecar added to every "
+                    "Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and Pod; a "
+                    "report on stderr. Exit 0, or 2 (nothing written) for unreadable input or "
+                    "a bad sidecar.drain/* annotation; 1 if the output cannot be written.")
+    inject.add_argument("inputs", **inputs)  # type: ignore[arg-type]
+    inject.add_argument("--config", metavar="PATH",
+                        help="sidecar config to inject as SIDECAR_* env (default: built-in "
+                             "defaults; the shell's SIDECAR_* variables are not read)")
+    inject.add_argument("--image", metavar="IMAGE", default=DEFAULT_IMAGE,
+                        help=f"sidecar image (default {DEFAULT_IMAGE}, as the Dockerfile builds it)")
+    inject.add_argument("--classic", action="store_true",
+                        help="a regular container instead of a native sidecar (Kubernetes < 1.29)")
+    output = {"choices": ("yaml", "json"), "default": "yaml",
+              "help": "output format (default yaml; json: one object, or a List of several)"}
+    inject.add_argument("-o", "--output", **output)  # type: ignore[arg-type]
+    uninject = sub.add_parser(
+        "uninject", help="remove what inject added: workloads come back exactly as they were",
+        description="Write the manifests to stdout with every injected workload restored from "
+                    "its sidecar.drain/original annotation and every Service targetPort that "
+                    "inject rewrote put back; a report on stderr. Exit 0, 2 for unreadable "
+                    "input, 1 if the output cannot be written.")
+    uninject.add_argument("inputs", **inputs)  # type: ignore[arg-type]
+    uninject.add_argument("-o", "--output", **output)  # type: ignore[arg-type]
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from .inject import InjectError, Options
+    from .manifests import InputError, dump, inject_all, read, uninject_all
+
+    verb = f"sidecar {args.command}"
+    if not args.inputs and sys.stdin.isatty():
+        print(f"{verb}: give FILE, DIR or - (stdin is a terminal)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        docs = read(args.inputs)
+        if args.command == "inject":
+            config = load(args.config)
+            report = inject_all(docs, Options(config, args.config, args.image, args.classic))
+        else:
+            report = uninject_all(docs)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{verb}: --config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (InputError, InjectError) as exc:
+        problems = exc.problems if isinstance(exc, InjectError) else [str(exc)]
+        for problem in problems:
+            print(f"{verb}: {problem}", file=sys.stderr)
+        print(f"{verb}: nothing written", file=sys.stderr)
+        return EXIT_CONFIG
+    text = dump(docs, args.output)
+    for line in report:
+        print(line, file=sys.stderr)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        print(f"{verb}: cannot write the output: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
