@@ -7,12 +7,19 @@ parsed; a key that is not in the schema is a problem with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = ("dotted", "env_name", "merge_env", "merge_file")
 
 Raw = dict[str, dict[str, Any]]
+
+# The variables Kubernetes injects for every Service in the namespace (enableServiceLinks):
+# a Service named "sidecar-drain-x" gives SIDECAR_DRAIN_X_SERVICE_HOST, _SERVICE_PORT[_NAME],
+# _PORT=tcp://..., _PORT_80_TCP[_ADDR|_PORT|_PROTO].  They are never settings of ours.
+_SERVICE_LINK = re.compile(
+    r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)$")
 
 
 def dotted(section: str, key: str) -> str:
@@ -81,7 +88,7 @@ def merge_env(
             else:
                 raw[section][key] = value
             origins[dotted(section, key.split(".")[0])] = name
-        elif name.startswith(sections):
+        elif name.startswith(sections) and not _SERVICE_LINK.match(name):
             # Only names inside a known section are typos; others, such as the
             # SIDECAR_SERVICE_HOST that Kubernetes service links inject, are not ours.
             problems.append(f"{name}: unknown setting{_suggest(name, list(known))}")

@@ -98,6 +98,19 @@ def test_unknown_env_setting_is_an_error_with_a_suggestion() -> None:
     assert "SIDECAR_DRAIN_TIMOUT" in out.stderr and "SIDECAR_DRAIN_TIMEOUT" in out.stderr
 
 
+def test_service_links_of_a_service_named_like_a_section_are_not_settings() -> None:
+    """A Service named sidecar-drain-x in the namespace must not stop the sidecar from starting."""
+    links = {"SIDECAR_DRAIN_X_SERVICE_HOST": "10.0.0.7", "SIDECAR_DRAIN_X_SERVICE_PORT": "80",
+             "SIDECAR_DRAIN_X_SERVICE_PORT_HTTP": "80", "SIDECAR_DRAIN_X_PORT": "tcp://10.0.0.7:80",
+             "SIDECAR_DRAIN_X_PORT_80_TCP": "tcp://10.0.0.7:80",
+             "SIDECAR_DRAIN_X_PORT_80_TCP_ADDR": "10.0.0.7", "SIDECAR_DRAIN_X_PORT_80_TCP_PORT": "80",
+             "SIDECAR_DRAIN_X_PORT_80_TCP_PROTO": "tcp"}
+    out = sidecar("check-config", env=links)
+    assert out.returncode == 0, out.stderr
+    typo = sidecar("check-config", env={"SIDECAR_DRAIN_DELAI": "1s"})
+    assert typo.returncode == 2 and "SIDECAR_DRAIN_DELAI" in typo.stderr
+
+
 def test_kubernetes_service_link_variables_are_not_mistaken_for_settings() -> None:
     out = sidecar("check-config", env={"SIDECAR_SERVICE_HOST": "10.0.0.1", "SIDECAR_PORT": "tcp://x:1"})
     assert out.returncode == 0, out.stderr
