@@ -41,11 +41,11 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL message key=value ...``: a field already said by the message is left
-    out, nested values are flattened to ``outer.inner=value``, and only values with
-    spaces or quotes are quoted."""
+    out (but an access line keeps all its columns, for grep), nested values are flattened
+    to ``outer.inner=value``, and only values with spaces or quotes are quoted."""
 
     def format(self, record: logging.LogRecord) -> str:
-        said = {str(a) for a in _args(record)}
+        said = set() if record.name == access_logger.name else {str(a) for a in _args(record)}
         pairs = _flatten(getattr(record, "fields", {}))
         tail = "".join(f" {k}={_quote(v)}" for k, v in pairs if v not in said)
         level = record.levelname.lower()
