@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from time import monotonic
 
 import aiohttp
@@ -33,6 +34,8 @@ FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once 
 # Idle pooled upstream connections are dropped before common app servers drop them
 # (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
 UPSTREAM_IDLE = 4.0
+SPREAD_STEP = 0.01  # seconds: the shortest pause between two batches of the close spread
+SPREAD_RECHECK = 0.25  # seconds: with nothing idle, look again (a stream begun before the trigger)
 
 
 class _RequestFlight(Flight):
@@ -130,11 +133,51 @@ class Proxy:
                 else:
                     conn.force_close()
 
+    async def close_idle_gradually(self) -> None:
+        """While ``draining``: close idle keep-alive connections a few at a time, evenly over
+        ``drain.close_spread`` (at most ``drain.delay``) from the trigger.
+
+        So few are left when admission stops, and their clients do not all reconnect (to
+        the other pods) at one instant.  Only connections that have carried a request and
+        have none in progress now are closed: a client's pool sees the close before it
+        reuses the socket.  A silent fresh connection is left to ``close_idle``.  With n
+        idle and t seconds left, the next one closes after t / (n + 1), so the last close
+        comes before the window ends, not at the closing instant.
+        """
+        spread = self._config.drain
+        end = self._loop.time() + min(spread.close_spread, spread.delay)
+
+        def idle() -> list[RequestHandler]:
+            busy = self._busy()
+            return [c for c in self.web_server.connections
+                    if c not in busy and getattr(c, "_request_count", 0) > 0]
+
+        while (left := end - self._loop.time()) > 0:
+            waiting = len(idle())
+            pause = max(left / (waiting + 1), SPREAD_STEP) if waiting else min(left, SPREAD_RECHECK)
+            await asyncio.sleep(pause)
+            if not waiting or self._loop.time() >= end:
+                continue
+            conns = idle()
+            batch = conns[:math.ceil(len(conns) * pause / left)]
+            for conn in batch:
+                conn.force_close()
+            if batch:
+                logger.debug("closed idle connections", extra={"fields": {
+                    "closed": len(batch), "idle_left": len(conns) - len(batch)}})
+
     def _busy(self) -> set[RequestHandler]:
-        """Connections with a request in flight, queued, or whose answer is being written."""
+        """Connections with a request in flight, queued, or whose answer is being written.
+
+        One that has carried a request is idle only while aiohttp waits for its next one
+        (its ``_waiter`` pending): between parsing a request and starting its handler
+        (a loop turn) none of the other marks is set, and closing it then loses a request
+        that is about to be forwarded.
+        """
         busy = {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
         busy.update(c for c in self.web_server.connections
-                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None))
+                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None)
+                    or (getattr(c, "_request_count", 0) > 0 and not _awaiting_request(c)))
         return busy
 
     def _close_if_idle(self, conn: RequestHandler) -> None:
@@ -274,6 +317,12 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
+
+
+def _awaiting_request(conn: RequestHandler) -> bool:
+    """aiohttp's own test for an idle connection (its keep-alive timer uses the same)."""
+    waiter = getattr(conn, "_waiter", None)
+    return waiter is not None and not waiter.done()
 
 
 def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:
