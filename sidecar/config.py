@@ -124,7 +124,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
         "websockets": (v.parse_choice("close", "wait"), "close"),
         "linger": (v.parse_duration, "0s"),
         "grace_period": (v.parse_positive_duration, "30s"),
-        "close_spread": (v.parse_duration, "5s"),
+        "close_spread": (v.parse_duration, "2s"),
     },
     "exit": {
         "signal": (v.parse_signal, "SIGTERM"),

@@ -134,18 +134,25 @@ class Proxy:
                     conn.force_close()
 
     async def close_idle_gradually(self) -> None:
-        """While ``draining``: close idle keep-alive connections a few at a time, evenly over
-        ``drain.close_spread`` (at most ``drain.delay``) from the trigger.
+        """While ``draining``: close idle keep-alive connections a few at a time over the
+        last ``drain.close_spread`` (at most ``drain.delay``) before admission stops.
 
-        So few are left when admission stops, and their clients do not all reconnect (to
-        the other pods) at one instant.  Only connections that have carried a request and
-        have none in progress now are closed: a client's pool sees the close before it
-        reuses the socket.  A silent fresh connection is left to ``close_idle``.  With n
-        idle and t seconds left, the next one closes after t / (n + 1), so the last close
-        comes before the window ends, not at the closing instant.
+        So few are left when the listener closes, and their clients do not all reconnect
+        (to the other pods) at one instant.  The spread ends the phase rather than starting
+        it: by then a load balancer has taken the pod out of rotation and stopped reusing
+        its connections to it, and a client that sent a request in between has had its
+        connection closed by the ``Connection: close`` of the answer, without any race.
+        Only connections that have carried a request and wait for the next one are closed:
+        a client's pool sees the close before it reuses the socket.  A silent fresh
+        connection is left to ``close_idle``.  With n idle and t seconds left, the next one
+        closes after t / (n + 1): the last close comes before admission stops.
         """
-        spread = self._config.drain
-        end = self._loop.time() + min(spread.close_spread, spread.delay)
+        drain = self._config.drain
+        window = min(drain.close_spread, drain.delay)
+        if window <= 0:
+            return
+        await asyncio.sleep(drain.delay - window)
+        end = self._loop.time() + window
 
         def idle() -> list[RequestHandler]:
             busy = self._busy()
