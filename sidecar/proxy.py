@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 from time import monotonic
 
 import aiohttp
@@ -31,6 +33,7 @@ __all__ = ("Proxy",)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
 FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once closing
+ARRIVAL_GRACE = 0.05  # seconds, as admission stops, for requests already on the wire to be read
 # Idle pooled upstream connections are dropped before common app servers drop them
 # (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
 UPSTREAM_IDLE = 4.0
@@ -104,10 +107,26 @@ class Proxy:
         return len(self.web_server.connections)
 
     async def stop_admission(self) -> None:
-        """Stop accepting, close connections with no request in progress, end websockets."""
+        """Stop accepting, close connections with no request in progress, end websockets.
+
+        Connections the kernel has completed in the listener's backlog when it closes
+        would be reset, although their clients have usually sent a request already.  A
+        duplicate of the listening socket keeps them alive while the listener closes; they
+        are taken in, then the socket is gone (new connections are refused).  Requests
+        that were on the wire then, on those and on other just-accepted connections, get
+        ``ARRIVAL_GRACE`` to be read and are forwarded like any other of ``draining``.
+        """
         if self._listener is not None:
+            listening = getattr(self._listener, "sockets", None) or ()  # asyncio.Server's
+            held = [socket.socket(fileno=os.dup(s.fileno())) for s in listening]
             self._listener.close()
-            await asyncio.sleep(0)  # uvloop closes the socket on the next loop turn
+            await asyncio.sleep(0)  # uvloop closes its socket on the next loop turn
+            pending = [conn for sock in held for conn in _accept_pending(sock)]
+            for sock in held:
+                sock.close()
+            for conn in pending:
+                await self._loop.connect_accepted_socket(self.web_server, conn)
+            await self._let_arrive(from_backlog=len(pending))
         self.close_idle()
         if self._websockets_close:
             for ws in list(self.websockets):
@@ -172,6 +191,24 @@ class Proxy:
             if batch:
                 logger.debug("closed idle connections", extra={"fields": {
                     "closed": len(batch), "idle_left": len(conns) - len(batch)}})
+
+    async def _let_arrive(self, *, from_backlog: int) -> None:
+        """Wait (at most ``ARRIVAL_GRACE``) until every connection has its request in
+        flight or waits for its next one: none holds a request not yet handed to ``handle``
+        (not read yet on a fresh connection, or read and not yet started)."""
+        def arriving() -> list[RequestHandler]:
+            flying = {f.request.protocol for f in self._drain.flights()
+                      if isinstance(f, _RequestFlight)}
+            return [c for c in self.web_server.connections if c not in flying and not (
+                getattr(c, "_request_count", 0) > 0 and _awaiting_request(c))]
+
+        fresh = len(arriving())
+        deadline = self._loop.time() + ARRIVAL_GRACE
+        while (left := arriving()) and self._loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if fresh or from_backlog:
+            logger.info("connections still opening as the listener closes", extra={"fields": {
+                "from_backlog": from_backlog, "fresh": fresh, "still_silent": len(left)}})
 
     def _busy(self) -> set[RequestHandler]:
         """Connections with a request in flight, queued, or whose answer is being written.
@@ -324,6 +361,21 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
+
+
+def _accept_pending(listening: socket.socket) -> list[socket.socket]:
+    """Accept every connection waiting in a listening socket's backlog, without blocking."""
+    listening.setblocking(False)
+    conns: list[socket.socket] = []
+    while True:
+        try:
+            conn, _ = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return conns
+        except OSError:  # e.g. ECONNABORTED: that one is gone; take the next
+            continue
+        conn.setblocking(False)
+        conns.append(conn)
 
 
 def _awaiting_request(conn: RequestHandler) -> bool:

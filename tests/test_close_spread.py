@@ -1,5 +1,6 @@
-"""drain.close_spread: idle keep-alive connections close one by one during ``draining``,
-not all at once when admission stops, and a connection with a request in progress is never cut."""
+"""The closing instant: idle keep-alive connections close one by one during ``draining``
+(drain.close_spread), not all at once when admission stops; a connection with a request in
+progress is never cut; a request already sent when the listener closes is served, not reset."""
 
 from __future__ import annotations
 
@@ -140,3 +141,31 @@ def test_close_spread_from_the_environment_is_printed_by_check_config() -> None:
                          check=False)
     assert bad.returncode == 2
     assert "drain.close_spread" in bad.stderr and "SIDECAR_DRAIN_CLOSE_SPREAD" in bad.stderr
+
+
+async def test_requests_sent_on_connections_not_yet_accepted_when_admission_stops_are_served(
+        start_sidecar: StartSidecar, upstream) -> None:
+    """A client whose connection the kernel completed, and which sent its request, just as the
+    listener closes is answered 200 (with Connection: close), not reset: the sidecar takes
+    such connections from the accept queue before the socket goes, and forwards what they sent.
+
+    The sidecar is stopped (SIGSTOP) while the connections queue up and SIGTERM arrives, so
+    on SIGCONT the drain (delay 0s) may stop admission before the loop has accepted them."""
+    sidecar = await start_sidecar({"drain": {"delay": "0s", "timeout": "10s"}},
+                                  upstream=upstream_url(upstream))
+    sidecar.send(signal.SIGSTOP)
+    try:
+        conns = [await raw_request(sidecar.port, f"GET /headers?id=queued-{k} HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   .encode()) for k in range(8)]
+        sidecar.send(signal.SIGTERM)
+    finally:
+        sidecar.send(signal.SIGCONT)
+    for reader, writer in conns:
+        status, headers, _ = await read_response(reader, timeout=15)
+        assert status == "HTTP/1.1 200 OK" and headers["connection"] == "close"
+        writer.close()
+    assert await sidecar.wait_exit() == 0
+    received = {e["id"] for e in upstream_events(upstream) if e["event"] == "received"}
+    assert received == {f"queued-{k}" for k in range(8)}
+    opening = [e for e in sidecar.logs if e.get("msg") == "connections still opening as the listener closes"]
+    print(f"\nqueued connections: {opening or 'all accepted before admission stopped'}")
