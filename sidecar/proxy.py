@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
-import socket
 from time import monotonic
 
 import aiohttp
@@ -21,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from .config import Config
+from .connections import Connections
 from .drain import Drain, Flight
 from .headers import request_headers, response_headers
 from .log import access_logger
@@ -32,13 +30,9 @@ from .websocket import relay_websocket
 __all__ = ("Proxy",)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
-FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once closing
-ARRIVAL_GRACE = 0.05  # seconds, as admission stops, for requests already on the wire to be read
 # Idle pooled upstream connections are dropped before common app servers drop them
 # (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
 UPSTREAM_IDLE = 4.0
-SPREAD_STEP = 0.01  # seconds: the shortest pause between two batches of the close spread
-SPREAD_RECHECK = 0.25  # seconds: with nothing idle, look again (a stream begun before the trigger)
 
 
 class _RequestFlight(Flight):
@@ -80,6 +74,7 @@ class Proxy:
         self.web_server = web.Server(
             self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
         )
+        self._connections = Connections(self.web_server, in_flight=self._in_flight)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -107,26 +102,10 @@ class Proxy:
         return len(self.web_server.connections)
 
     async def stop_admission(self) -> None:
-        """Stop accepting, close connections with no request in progress, end websockets.
-
-        Connections the kernel has completed in the listener's backlog when it closes
-        would be reset, although their clients have usually sent a request already.  A
-        duplicate of the listening socket keeps them alive while the listener closes; they
-        are taken in, then the socket is gone (new connections are refused).  Requests
-        that were on the wire then, on those and on other just-accepted connections, get
-        ``ARRIVAL_GRACE`` to be read and are forwarded like any other of ``draining``.
-        """
+        """Stop accepting (without resetting what the accept queue holds), close connections
+        with no request in progress, end websockets."""
         if self._listener is not None:
-            listening = getattr(self._listener, "sockets", None) or ()  # asyncio.Server's
-            held = [socket.socket(fileno=os.dup(s.fileno())) for s in listening]
-            self._listener.close()
-            await asyncio.sleep(0)  # uvloop closes its socket on the next loop turn
-            pending = [conn for sock in held for conn in _accept_pending(sock)]
-            for sock in held:
-                sock.close()
-            for conn in pending:
-                await self._loop.connect_accepted_socket(self.web_server, conn)
-            await self._let_arrive(from_backlog=len(pending))
+            await self._connections.close_listener(self._listener)
         self.close_idle()
         if self._websockets_close:
             for ws in list(self.websockets):
@@ -137,96 +116,17 @@ class Proxy:
                 task.add_done_callback(self._closing.discard)
 
     def close_idle(self) -> None:
-        """Close connections with no request in progress.
-
-        A connection that has carried requests and sits idle, or holds a partly
-        received request, is closed at once.  One accepted but still silent gets
-        ``FRESH_GRACE`` seconds: its request is most likely on the wire, and a clear
-        503 beats a reset that leaves the client unsure whether it was processed.
-        """
-        busy = self._busy()
-        for conn in self.web_server.connections:
-            if conn not in busy:
-                if getattr(conn, "_request_count", 1) == 0:
-                    self._loop.call_later(FRESH_GRACE, self._close_if_idle, conn)
-                else:
-                    conn.force_close()
+        """Close connections with no request in progress (silent fresh ones after a grace)."""
+        self._connections.close_idle()
 
     async def close_idle_gradually(self) -> None:
-        """While ``draining``: close idle keep-alive connections a few at a time over the
-        last ``drain.close_spread`` (at most ``drain.delay``) before admission stops.
-
-        So few are left when the listener closes, and their clients do not all reconnect
-        (to the other pods) at one instant.  The spread ends the phase rather than starting
-        it: by then a load balancer has taken the pod out of rotation and stopped reusing
-        its connections to it, and a client that sent a request in between has had its
-        connection closed by the ``Connection: close`` of the answer, without any race.
-        Only connections that have carried a request and wait for the next one are closed:
-        a client's pool sees the close before it reuses the socket.  A silent fresh
-        connection is left to ``close_idle``.  With n idle and t seconds left, the next one
-        closes after t / (n + 1): the last close comes before admission stops.
-        """
+        """While ``draining``: close idle keep-alive connections one by one over the last
+        ``drain.close_spread`` of ``drain.delay`` (see ``Connections``)."""
         drain = self._config.drain
-        window = min(drain.close_spread, drain.delay)
-        if window <= 0:
-            return
-        await asyncio.sleep(drain.delay - window)
-        end = self._loop.time() + window
+        await self._connections.close_idle_gradually(spread=drain.close_spread, delay=drain.delay)
 
-        def idle() -> list[RequestHandler]:
-            busy = self._busy()
-            return [c for c in self.web_server.connections
-                    if c not in busy and getattr(c, "_request_count", 0) > 0]
-
-        while (left := end - self._loop.time()) > 0:
-            waiting = len(idle())
-            pause = max(left / (waiting + 1), SPREAD_STEP) if waiting else min(left, SPREAD_RECHECK)
-            await asyncio.sleep(pause)
-            if not waiting or self._loop.time() >= end:
-                continue
-            conns = idle()
-            batch = conns[:math.ceil(len(conns) * pause / left)]
-            for conn in batch:
-                conn.force_close()
-            if batch:
-                logger.debug("closed idle connections", extra={"fields": {
-                    "closed": len(batch), "idle_left": len(conns) - len(batch)}})
-
-    async def _let_arrive(self, *, from_backlog: int) -> None:
-        """Wait (at most ``ARRIVAL_GRACE``) until every connection has its request in
-        flight or waits for its next one: none holds a request not yet handed to ``handle``
-        (not read yet on a fresh connection, or read and not yet started)."""
-        def arriving() -> list[RequestHandler]:
-            flying = {f.request.protocol for f in self._drain.flights()
-                      if isinstance(f, _RequestFlight)}
-            return [c for c in self.web_server.connections if c not in flying and not (
-                getattr(c, "_request_count", 0) > 0 and _awaiting_request(c))]
-
-        fresh = len(arriving())
-        deadline = self._loop.time() + ARRIVAL_GRACE
-        while (left := arriving()) and self._loop.time() < deadline:
-            await asyncio.sleep(0.005)
-        if fresh or from_backlog:
-            logger.info("connections still opening as the listener closes", extra={"fields": {
-                "from_backlog": from_backlog, "fresh": fresh, "still_silent": len(left)}})
-
-    def _busy(self) -> set[RequestHandler]:
-        """Connections with a request in flight, queued, or whose answer is being written.
-
-        One that has carried a request is idle only while aiohttp waits for its next one
-        (its ``_waiter`` pending): between parsing a request and starting its handler
-        (a loop turn) none of the other marks is set, and closing it then loses a request
-        that is about to be forwarded.
-        """
-        busy = {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
-        busy.update(c for c in self.web_server.connections
-                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None)
-                    or (getattr(c, "_request_count", 0) > 0 and not _awaiting_request(c)))
-        return busy
-
-    def _close_if_idle(self, conn: RequestHandler) -> None:
-        if conn not in self._busy():
-            conn.force_close()
+    def _in_flight(self) -> set[RequestHandler]:
+        return {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
 
     async def close(self) -> None:
         for conn in self.web_server.connections:
@@ -361,27 +261,6 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
-
-
-def _accept_pending(listening: socket.socket) -> list[socket.socket]:
-    """Accept every connection waiting in a listening socket's backlog, without blocking."""
-    listening.setblocking(False)
-    conns: list[socket.socket] = []
-    while True:
-        try:
-            conn, _ = listening.accept()
-        except (BlockingIOError, InterruptedError):
-            return conns
-        except OSError:  # e.g. ECONNABORTED: that one is gone; take the next
-            continue
-        conn.setblocking(False)
-        conns.append(conn)
-
-
-def _awaiting_request(conn: RequestHandler) -> bool:
-    """aiohttp's own test for an idle connection (its keep-alive timer uses the same)."""
-    waiter = getattr(conn, "_waiter", None)
-    return waiter is not None and not waiter.done()
 
 
 def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:
