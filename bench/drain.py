@@ -135,6 +135,8 @@ async def drive(url: str, tag: str, proc: C.Proc, sig: int, args) -> dict:
             recs.append(rec)
             if rec.kind in ("refused", "connect"):
                 await asyncio.sleep(args.refused_backoff_ms / 1000)
+            elif args.think_ms:  # a pause between requests: pooled connections sit idle
+                await asyncio.sleep(rng.uniform(0, args.think_ms / 1000))
 
     async def stopper() -> None:
         await asyncio.sleep(args.signal_at)
@@ -254,7 +256,8 @@ def report(args, results: list[dict], versions: dict[str, str], elapsed: float, 
          "sensitive to the noise than throughput; exit times do move with it.\n",
          C.versions_line(versions) + "\n",
          f"Load: {args.workers} asyncio workers on one shared `aiohttp.ClientSession` (keep-alive), each "
-         f"looping `GET /sleep?ms={args.sleep_ms}&id=N` for {args.duration:g} s, phases staggered over one "
+         f"looping `GET /sleep?ms={args.sleep_ms}&id=N` (pausing 0-{args.think_ms:g} ms in between) for "
+         f"{args.duration:g} s, phases staggered over one "
          f"request period; stop signal at t = {args.signal_at:g} s; client retry of idempotent requests "
          f"**off** (raw view); after a refused connect a worker waits {args.refused_backoff_ms:g} ms; "
          f"per-request timeout {args.request_timeout:g} s. A fresh upstream and target per row.\n",
@@ -320,6 +323,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=6.0, help="seconds of load per row")
     ap.add_argument("--signal-at", type=float, default=2.0)
     ap.add_argument("--sleep-ms", type=int, default=200)
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="each worker pauses a random 0..N ms between requests (idle keep-alive connections)")
     ap.add_argument("--request-timeout", type=float, default=10.0)
     ap.add_argument("--exit-timeout", type=float, default=15.0, help="SIGKILL a target this long after the signal")
     ap.add_argument("--refused-backoff-ms", type=float, default=100.0)

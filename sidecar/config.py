@@ -65,6 +65,7 @@ class DrainConfig:
     websockets: str
     linger: float
     grace_period: float
+    close_spread: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
         "websockets": (v.parse_choice("close", "wait"), "close"),
         "linger": (v.parse_duration, "0s"),
         "grace_period": (v.parse_positive_duration, "30s"),
+        "close_spread": (v.parse_duration, "2s"),
     },
     "exit": {
         "signal": (v.parse_signal, "SIGTERM"),
@@ -257,6 +259,7 @@ def to_yaml(config: Config) -> str:
             "websockets": d.websockets,
             "linger": format_duration(d.linger),
             "grace_period": format_duration(d.grace_period),
+            "close_spread": format_duration(d.close_spread),
         },
         "exit": {
             "signal": e.signal.name,

@@ -187,11 +187,13 @@ class Drain:
         *,
         stop_admission: Callable[[], Awaitable[None]],
         exit_upstream: Callable[[], Awaitable[dict[str, Any]]],
+        while_draining: Callable[[], Awaitable[None]] | None = None,
     ) -> Summary:
         """Wait for a trigger, then drain:
 
         1. ``draining``: readiness fails and every response carries Connection: close,
-           while requests are still forwarded, for ``drain.delay``;
+           while requests are still forwarded, for ``drain.delay``; ``while_draining``
+           (idle connections closed one by one) runs meanwhile, cancelled when it ends;
         2. ``closing``: stop admission (listener closed, idle connections closed,
            late requests answered 503, websockets told 1001);
         3. wait until nothing is in flight, at most ``drain.timeout``;
@@ -202,7 +204,10 @@ class Drain:
         await self._triggered.wait()
         assert self._started_at is not None
 
+        spreading = asyncio.ensure_future(while_draining()) if while_draining else None
         await _first_of(self._skip_delay.wait(), timeout=self._delay)
+        if spreading is not None:
+            spreading.cancel()
 
         self.admitting = False
         await stop_admission()

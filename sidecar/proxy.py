@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from .config import Config
+from .connections import Connections
 from .drain import Drain, Flight
 from .headers import request_headers, response_headers
 from .log import access_logger
@@ -29,7 +30,6 @@ from .websocket import relay_websocket
 __all__ = ("Proxy",)
 
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
-FRESH_GRACE = 0.5  # seconds a just-accepted, still silent connection gets once closing
 # Idle pooled upstream connections are dropped before common app servers drop them
 # (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
 UPSTREAM_IDLE = 4.0
@@ -74,6 +74,7 @@ class Proxy:
         self.web_server = web.Server(
             self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
         )
+        self._connections = Connections(self.web_server, in_flight=self._in_flight)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -101,10 +102,10 @@ class Proxy:
         return len(self.web_server.connections)
 
     async def stop_admission(self) -> None:
-        """Stop accepting, close connections with no request in progress, end websockets."""
+        """Stop accepting (without resetting what the accept queue holds), close connections
+        with no request in progress, end websockets."""
         if self._listener is not None:
-            self._listener.close()
-            await asyncio.sleep(0)  # uvloop closes the socket on the next loop turn
+            await self._connections.close_listener(self._listener)
         self.close_idle()
         if self._websockets_close:
             for ws in list(self.websockets):
@@ -115,31 +116,17 @@ class Proxy:
                 task.add_done_callback(self._closing.discard)
 
     def close_idle(self) -> None:
-        """Close connections with no request in progress.
+        """Close connections with no request in progress (silent fresh ones after a grace)."""
+        self._connections.close_idle()
 
-        A connection that has carried requests and sits idle, or holds a partly
-        received request, is closed at once.  One accepted but still silent gets
-        ``FRESH_GRACE`` seconds: its request is most likely on the wire, and a clear
-        503 beats a reset that leaves the client unsure whether it was processed.
-        """
-        busy = self._busy()
-        for conn in self.web_server.connections:
-            if conn not in busy:
-                if getattr(conn, "_request_count", 1) == 0:
-                    self._loop.call_later(FRESH_GRACE, self._close_if_idle, conn)
-                else:
-                    conn.force_close()
+    async def close_idle_gradually(self) -> None:
+        """While ``draining``: close idle keep-alive connections one by one over the last
+        ``drain.close_spread`` of ``drain.delay`` (see ``Connections``)."""
+        drain = self._config.drain
+        await self._connections.close_idle_gradually(spread=drain.close_spread, delay=drain.delay)
 
-    def _busy(self) -> set[RequestHandler]:
-        """Connections with a request in flight, queued, or whose answer is being written."""
-        busy = {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
-        busy.update(c for c in self.web_server.connections
-                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None))
-        return busy
-
-    def _close_if_idle(self, conn: RequestHandler) -> None:
-        if conn not in self._busy():
-            conn.force_close()
+    def _in_flight(self) -> set[RequestHandler]:
+        return {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
 
     async def close(self) -> None:
         for conn in self.web_server.connections:

@@ -95,7 +95,8 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
         return outcome
 
     try:
-        await drain.run(stop_admission=proxy.stop_admission, exit_upstream=tell_upstream)
+        await drain.run(stop_admission=proxy.stop_admission, exit_upstream=tell_upstream,
+                        while_draining=proxy.close_idle_gradually)
 
         # 4. Linger so a last scrape sees the final numbers; answer /drain callers; close.
         if config.drain.linger > 0:
