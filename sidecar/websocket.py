@@ -59,6 +59,10 @@ async def relay_websocket(
             await _Relay(client, upstream).run()
         finally:
             track.discard(client)
+        if not client.closed and request.transport is not None:
+            # The client answered a close the app started: the handshake is complete, and
+            # the server side ends the TCP connection (RFC 6455 7.1.1), with no second frame.
+            request.transport.close()
         return client, 101
     except asyncio.CancelledError:  # the client's connection was lost (handler cancellation)
         await upstream.close(code=WSCloseCode.GOING_AWAY, message=b"client went away")

@@ -135,3 +135,26 @@ async def test_the_drain_still_closes_websockets_with_1001_on_both_sides(
     assert (await app_event(upstream, "ws_close"))["code"] == 1001
     assert await sidecar.wait_exit() == 0
     assert (await sidecar.wait_log("drain finished"))["aborted"] == 0
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """A client frame (clients must mask), small payloads only."""
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_after_the_client_answers_an_app_close_the_connection_ends_with_no_second_frame(
+        proxied: Sidecar) -> None:
+    """Exactly one close frame each way (RFC 6455 5.5.1), then the server ends the TCP connection."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    reader, writer = await raw_request(proxied.port, (
+        "GET /ws/close HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.write(masked_frame(0x1, b"close:4000:bye"))
+    close = await asyncio.wait_for(reader.readexactly(2 + 2 + 3), 10)
+    assert close == b"\x88\x05" + close_frame(4000, "bye")
+    writer.write(masked_frame(0x8, close_frame(4000, "ok")))
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF, nothing more
+    writer.close()
