@@ -88,11 +88,14 @@ class Health:
             return f"{where} refused"
         if isinstance(exc, FileNotFoundError):
             return f"{where}: no such socket"
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        path = self._upstream.health_path
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) or (isinstance(exc, TimeoutError)
+                                                               and not path):
             return f"{where} timed out"
+        if isinstance(exc, TimeoutError):
+            return f"GET {path} timed out"
         if isinstance(exc, OSError) and exc.strerror:
             return f"{where}: {exc.strerror}"
-        path = self._upstream.health_path
         return f"GET {path}: {exc or type(exc).__name__}" if path else f"{where}: {exc!r}"
 
     def _set(self, healthy: bool, error: str | None) -> None:
