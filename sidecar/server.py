@@ -47,8 +47,9 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     metrics.watch(in_flight=lambda: len(drain), connections=lambda: proxy.connections,
                   websockets=lambda: len(proxy.websockets))
 
-    # 1. Take the stop signals first, then bind both listeners (a clear error if a port
-    #    is taken) and start the child.
+    # 1. Take the stop signals first; in wrap mode make sure nobody else answers on the
+    #    upstream address; bind both listeners (a clear error if a port is taken); start
+    #    the child.
     finished = asyncio.Event()  # a signal after drained ends the linger at once
     _install_signals(drain, finished)
     if command and await something_answers(config.upstream):
