@@ -76,10 +76,10 @@ class Admin:
     def _not_ready_reason(self) -> str | None:
         state = self._drain.state
         if state is State.STARTING:
-            return "waiting for the upstream to become healthy"
+            return f"waiting for the upstream to become healthy: {self._health.last_error}"
         if state is not State.SERVING:
             return "draining: the pod is shutting down"
-        if self._health.gating and not self._health.healthy:
+        if not self._health.healthy:  # the health path fails, or the port does not accept
             return f"upstream health check failing: {self._health.last_error}"
         return None
 

@@ -156,6 +156,9 @@ class Drain:
         if self._triggered.is_set():
             logger.info("drain already under way; joining it", extra={"fields": {"trigger": reason}})
             return False
+        was_starting = self._state is State.STARTING
+        if was_starting:  # never ready, so in no load balancer: no delay to wait out
+            self._skip_delay.set()
         self._trigger_reason = reason
         self._triggered.set()
         # Readiness fails and Connection: close starts now, not on the next loop turn.
@@ -163,6 +166,8 @@ class Drain:
         self._metrics.drain_started.set(time.time())
         self._in_flight_at_trigger = len(self._flights)
         self._enter(State.DRAINING, trigger=reason, in_flight=len(self._flights))
+        if was_starting:
+            self.forwarding = False  # the app never became healthy: still forward nothing to it
         return True
 
     def deadline_now(self) -> None:

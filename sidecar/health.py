@@ -1,26 +1,34 @@
 """Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "its port accepts".
 
-The probe runs every ``upstream.health_interval`` and feeds ``sidecar_upstream_up``.
-When it gates readiness (a health path is set, or wrap mode), the first success
+The probe runs at once at start-up, then every ``upstream.health_interval``, and
+feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
+(or answers its health path with a non-2xx) makes ``/readyz`` fail, so a load
+balancer sends traffic elsewhere until it is back.
+
+When it gates the start (a health path is set, or wrap mode), the first success
 moves the sidecar from ``starting`` to ``serving``; until then it probes every
-50 ms so a freshly started app is picked up quickly.
+50 ms so a freshly started app is picked up quickly, and logs what it got every
+few seconds, so a wrong port or path is visible in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import aiohttp
+from yarl import URL
 
 from .config import UpstreamConfig
 from .log import logger
 from .metrics import Metrics
 from .upstream import base_url, connect_once, connector
 
-__all__ = ("Health",)
+__all__ = ("Health", "something_answers")
 
 _STARTUP_INTERVAL = 0.05
+_WAITING_LOG_EVERY = 5.0  # seconds between "waiting for the upstream" lines
 
 
 class Health:
@@ -40,6 +48,8 @@ class Health:
         self.last_error: str | None = "not checked yet"
         self._seen_healthy = False
         self._session: aiohttp.ClientSession | None = None
+        url = URL(upstream.url)
+        self._target = upstream.unix_path or f"{url.host}:{url.port}"
 
     async def check(self) -> bool:
         """Probe once; update the gauge and the state."""
@@ -50,7 +60,7 @@ class Health:
             else:
                 await connect_once(up, up.connect_timeout)
         except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy) as exc:
-            self._set(False, str(exc) or type(exc).__name__)
+            self._set(False, self._describe(exc))
         else:
             self._set(True, None)
         return self.healthy
@@ -67,6 +77,27 @@ class Health:
             if not 200 <= resp.status < 300:
                 raise _Unhealthy(f"GET {path} answered {resp.status}")
 
+    def _describe(self, exc: BaseException) -> str:
+        """A short human account of a failed probe (not a Python repr)."""
+        if isinstance(exc, _Unhealthy):
+            return str(exc)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            exc = exc.os_error
+        where = f"connect to {self._target}"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"{where} refused"
+        if isinstance(exc, FileNotFoundError):
+            return f"{where}: no such socket"
+        path = self._upstream.health_path
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) or (isinstance(exc, TimeoutError)
+                                                               and not path):
+            return f"{where} timed out"
+        if isinstance(exc, TimeoutError):
+            return f"GET {path} timed out"
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{where}: {exc.strerror}"
+        return f"GET {path}: {exc or type(exc).__name__}" if path else f"{where}: {exc!r}"
+
     def _set(self, healthy: bool, error: str | None) -> None:
         if healthy != self.healthy or error != self.last_error:
             if healthy:
@@ -82,17 +113,39 @@ class Health:
             self._on_first_healthy()
 
     async def run(self) -> None:
-        """Probe forever (cancel to stop)."""
+        """Probe forever (cancel to stop); the first probe has usually been made already."""
+        started = time.monotonic()
+        next_report = started + _WAITING_LOG_EVERY
         try:
             while True:
                 await self.check()
                 interval = self._upstream.health_interval
-                if self.gating and not self._seen_healthy:
-                    interval = _STARTUP_INTERVAL
+                if not self._seen_healthy:
+                    now = time.monotonic()
+                    if now >= next_report:
+                        logger.warning("waiting for the upstream: %s (%d s)", self.last_error,
+                                       round(now - started), extra={"fields": {
+                                           "upstream": self._upstream.url,
+                                           "error": self.last_error,
+                                           "waited_seconds": round(now - started)}})
+                        next_report = now + _WAITING_LOG_EVERY
+                    if self.gating:
+                        interval = _STARTUP_INTERVAL
+                    else:  # serving already: readiness waits on this probe, keep it brisk
+                        interval = min(interval, 1.0)
                 await asyncio.sleep(interval)
         finally:
             if self._session is not None:
                 await self._session.close()
+
+
+async def something_answers(upstream: UpstreamConfig) -> bool:
+    """Does anything accept connections on the upstream address right now?"""
+    try:
+        await connect_once(upstream, upstream.connect_timeout)
+    except (OSError, TimeoutError):
+        return False
+    return True
 
 
 class _Unhealthy(Exception):

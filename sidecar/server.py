@@ -14,13 +14,17 @@ from .admin import Admin
 from .child import Child
 from .config import Config
 from .drain import Drain
-from .health import Health
+from .health import Health, something_answers
 from .log import logger
 from .metrics import Metrics
 from .proxy import Proxy
 from .upstream_exit import exit_upstream
 
-__all__ = ("StartupError", "run")
+__all__ = ("EXIT_UPSTREAM_TAKEN", "StartupError", "run")
+
+# Wrap mode found something already answering on the upstream address before starting
+# the child (sysexits.h EX_CONFIG: the machine's state does not fit the configuration).
+EXIT_UPSTREAM_TAKEN = 78
 
 
 class StartupError(Exception):
@@ -45,10 +49,18 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     metrics.watch(in_flight=lambda: len(drain), connections=lambda: proxy.connections,
                   websockets=lambda: len(proxy.websockets))
 
-    # 1. Take the stop signals first, then bind both listeners (a clear error if a port
-    #    is taken) and start the child.
+    # 1. Take the stop signals first; in wrap mode make sure nobody else answers on the
+    #    upstream address; bind both listeners (a clear error if a port is taken); start
+    #    the child.
     finished = asyncio.Event()  # a signal after drained ends the linger at once
     _install_signals(drain, finished)
+    if command and await something_answers(config.upstream):
+        # Whatever answers there is not our child: serving it would hide the real app's
+        # failure to bind ("Address already in use") behind a healthy-looking sidecar.
+        raise StartupError(
+            f"something already answers on the upstream address {config.upstream.url} before "
+            f"{command[0]!r} was started: stop it, or point upstream.url at the port the "
+            "wrapped app listens on", exit_code=EXIT_UPSTREAM_TAKEN)
     await proxy.start()
     try:
         admin_port = await admin.start()
@@ -66,6 +78,8 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
             raise StartupError(f"cannot start {command[0]!r}: {exc.strerror or exc}",
                                exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
                                ) from None  # the codes a shell uses
+    if not gating:  # readiness follows the TCP probe: right from the first answer of /readyz
+        await health.check()
     logger.info("sidecar started", extra={"fields": {
         "listen": f"{config.listen.host}:{port}", "admin": f"{config.admin.host}:{admin_port}",
         "upstream": config.upstream.url, "wrap": command or None,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import sys
 import time
 
@@ -213,6 +214,41 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
     return sock
 
 
+async def ws_close(request: web.Request) -> web.WebSocketResponse:
+    """A websocket whose close handshake the test drives, recording what it received.
+
+    ``?reply=CODE&reason=TEXT``: answer the client's close with this code and reason.
+    Text ``close:CODE:REASON``: start the close with that code and reason.
+    Text ``vanish``: drop the connection without a close frame.
+    """
+    sock = web.WebSocketResponse(autoclose=False, autoping=False)
+    await sock.prepare(request)
+    while not sock.closed:
+        msg = await sock.receive()
+        if msg.type is WSMsgType.TEXT and msg.data.startswith("close:"):
+            _, code, reason = msg.data.split(":", 2)
+            await sock.send_frame(struct.pack("!H", int(code)) + reason.encode(), WSMsgType.CLOSE)
+            reply = await sock.receive(timeout=10)  # the peer's answer, code and reason
+            _record(request.app, "ws_reply", code=reply.data, reason=reply.extra)
+            await sock.close()
+            return sock
+        if msg.type is WSMsgType.TEXT and msg.data == "vanish":
+            assert request.transport is not None
+            request.transport.abort()
+            return sock
+        if msg.type is WSMsgType.TEXT:
+            await sock.send_str("echo:" + msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            _record(request.app, "ws_close", code=msg.data, reason=msg.extra)
+            code = int(request.query.get("reply", msg.data or 1000))
+            await sock.close(code=code, message=request.query.get("reason", msg.extra or "").encode())
+            return sock
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            break
+    _record(request.app, "ws_gone", code=sock.close_code)
+    return sock
+
+
 def make_app(event_file: str | None = None) -> web.Application:
     app = web.Application(middlewares=[record_requests], client_max_size=1 << 34)
     app[EVENTS] = []
@@ -234,6 +270,7 @@ def make_app(event_file: str | None = None) -> web.Application:
     r.add_get("/status/{code}", status)
     r.add_post("/quitquitquit", quit_)
     r.add_get("/ws", ws)
+    r.add_get("/ws/close", ws_close)
     r.add_get("/healthz", healthz)
     r.add_get("/__go", go)
     r.add_get("/__started", started)
