@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 
 from . import __version__
@@ -145,10 +146,16 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(server.run(config, command=command))
+            code = runner.run(server.run(config, command=command))
     except server.StartupError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return exc.exit_code
+    # Drained and about to exit with its code: closing the loop restored the default
+    # actions, and a SIGTERM now (the kubelet stops a native sidecar right after the app)
+    # would turn a clean exit into 143.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 def _drain(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -260,6 +261,22 @@ async def test_sidecar_drain_no_wait_returns_at_once(start_sidecar: StartSidecar
     sidecar = await start_sidecar({"drain": {"delay": "1s"}}, upstream=upstream_url(upstream))
     code, out, _ = await _cli("drain", "--admin", sidecar.admin, "--no-wait")
     assert code == 0 and '"state": "draining"' in out
+    assert await sidecar.wait_exit() == 0
+
+
+async def test_sigterms_while_exiting_after_the_drain_do_not_change_the_exit_code(
+        start_sidecar: StartSidecar, upstream) -> None:
+    """The kubelet signals a native sidecar right after the app exits, which can be while the
+    drained sidecar is exiting: it still exits 0, never 143."""
+    sidecar = await start_sidecar({"drain": {"delay": "0s", "linger": "0s"}},
+                                  upstream=upstream_url(upstream))
+    sidecar.send(signal.SIGTERM)
+    await sidecar.wait_log("sidecar exiting")
+    while sidecar.proc.returncode is None:  # keep signalling through the whole way out
+        with contextlib.suppress(ProcessLookupError):
+            sidecar.send(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sidecar.proc.wait(), 0.001)
     assert await sidecar.wait_exit() == 0
 
 
