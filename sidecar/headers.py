@@ -29,9 +29,9 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"expect"}
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def _named_by_connection(values: Iterable[str]) -> frozenset[str]:
     named: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in values:
         named.update(token.strip().lower() for token in value.split(","))
     return frozenset(named)
 
@@ -40,7 +40,7 @@ def _filter(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
 ) -> Iterable[tuple[str, str]]:
     if "Connection" in headers:
-        drop = drop | _named_by_connection(headers)
+        drop = drop | _named_by_connection(headers.getall("Connection"))
     return ((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
@@ -65,6 +65,10 @@ def request_headers(
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers to send to the client: the upstream's, minus hop-by-hop ones."""
-    return list(_filter(headers, HOP_BY_HOP))
+    drop = HOP_BY_HOP
+    named = [v for k, v in headers if k.lower() == "connection"]
+    if named:
+        drop = drop | _named_by_connection(named)
+    return [(k, v) for k, v in headers if k.lower() not in drop]

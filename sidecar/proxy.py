@@ -2,8 +2,9 @@
 
 The proxy listener is aiohttp's low-level ``web.Server`` (no router, no
 middlewares) bound with ``loop.create_server`` so the server socket is ours to
-close when admission stops.  Upstream traffic goes through one pooled
-``ClientSession``.
+close when admission stops.  HTTP requests go to the app over our own keep-alive
+pool (``pool``, ``exchange``, ``connection``: lean asyncio protocols, responses
+parsed by httptools); websockets go through an aiohttp ``ClientSession``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from .config import Config
+from .connection import UpstreamError
 from .drain import Drain, Flight
+from .exchange import Exchange, request_head
 from .headers import request_headers, response_headers
 from .log import access_logger
 from .metrics import Metrics
-from .responses import ProxyResponse, rejection, upstream_error, upstream_error_kind
+from .pool import Pool
+from .responses import (
+    ProxyResponse,
+    describe_error,
+    rejection,
+    upstream_error,
+    upstream_error_kind,
+)
 from .upstream import base_url, connector
 from .websocket import relay_websocket
 
@@ -64,6 +74,10 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(
             total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
         )
+        self._exchange_timeout = up.timeout or None
+        url = URL(self._base)
+        self._host = "localhost" if up.unix_path else (url.raw_authority or "localhost")
+        self._pool: Pool | None = None
         self._retry_after = str(config.drain.retry_after)
         self._access_log = config.logging.access_log
         self._websockets_close = config.drain.websockets == "close"
@@ -79,6 +93,12 @@ class Proxy:
 
     async def start(self) -> None:
         up = self._config.upstream
+        url = URL(self._base)
+        self._pool = Pool(
+            host=url.raw_host or "", port=url.port or 80, unix_path=up.unix_path,
+            connect_timeout=up.connect_timeout, limit=up.max_connections,
+            idle_timeout=UPSTREAM_IDLE,
+        )
         self._session = aiohttp.ClientSession(
             connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
             timeout=self._timeout,
@@ -144,6 +164,8 @@ class Proxy:
     async def close(self) -> None:
         for conn in self.web_server.connections:
             conn.force_close()
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -187,67 +209,90 @@ class Proxy:
             _log_access(request, 503, 0.0)
         return rejection(reason, self._retry_after)
 
-    def _url(self, request: web.BaseRequest) -> URL:
+    def _target(self, request: web.BaseRequest) -> str:
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form request target
             target = URL(target).raw_path_qs
-        return URL(self._base + target, encoded=True)
+        return target
+
+    def _url(self, request: web.BaseRequest) -> URL:
+        return URL(self._base + self._target(request), encoded=True)
 
     async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
-        session = self._session
-        assert session is not None
+        pool = self._pool
+        assert pool is not None
         body = None
         if request.body_exists:
             body = request.content
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        headers = request_headers(request.headers, client=request.remote)
+        method = request.method
+        head = request_head(
+            method, self._target(request), request_headers(request.headers, client=request.remote).items(),
+            host=self._host, body=body is not None, has_length="Content-Length" in request.headers,
+        )
+        chunked = body is not None and "Content-Length" not in request.headers
+        exchange = Exchange(pool)
         resp: ProxyResponse | None = None
         try:
-            async with session.request(
-                request.method, self._url(request), headers=headers, data=body,
-                allow_redirects=False, compress=None, chunked=None,
-            ) as up:
+            async with asyncio.timeout(self._exchange_timeout):  # one deadline for the whole exchange
+                up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
                 resp = ProxyResponse(status=up.status, reason=up.reason)
                 resp.headers.extend(response_headers(up.headers))
                 if self._drain.triggered:
                     resp.force_close()
                 writer = await resp.prepare(request)  # the head waits for the first body bytes
-                content = up.content
-                chunk = content.read_nowait()
-                if content.at_eof():  # the whole body is here: one write for head and body
+                chunk = up.read_nowait()
+                if up.complete:  # the whole body is here: one write for head and body
+                    exchange.close()
                     await resp.write_eof(chunk)
                     return resp, up.status
                 if chunk:
                     await resp.write(chunk)
                 elif writer is not None:  # a stream with nothing to say yet: the head goes now
                     writer.send_headers()
-                while chunk := await content.readany():
+                while chunk := await up.read():
                     await resp.write(chunk)
+                exchange.close()
                 await resp.write_eof()
                 return resp, up.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             if resp is not None and resp.prepared:
                 # Headers are out: cut the connection so the client never takes a
                 # truncated body for a complete one.
                 self._count_error(exc)
+                self._log_error(exc)
                 transport = request.transport
                 if transport is not None:
                     transport.abort()
                 return resp, resp.status
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
-                raise  # the client went away; nothing to answer
             error = self._error_response(exc)
             return error, error.status
+        except aiohttp.ClientConnectionResetError:
+            # Writing to the client failed: it went away.
+            transport = request.transport
+            if resp is None or not resp.prepared:
+                raise
+            if transport is not None:
+                transport.abort()
+            return resp, CLIENT_CLOSED
+        finally:
+            exchange.close()  # a no-op after a complete exchange; else the app sees a disconnect
 
     def _count_error(self, exc: BaseException) -> str:
         kind = upstream_error_kind(exc)
         self._metrics.upstream_errors.labels(kind).inc()
         return kind
 
+    def _log_error(self, exc: BaseException) -> None:
+        logger.warning("upstream error", extra={"fields": {
+            "kind": upstream_error_kind(exc),
+            "error": describe_error(exc, self._exchange_timeout or 0.0)[:300]}})
+
     def _error_response(self, exc: BaseException) -> web.Response:
-        kind = self._count_error(exc)
-        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)[:300]}})
+        self._count_error(exc)
+        self._log_error(exc)
+        kind = upstream_error_kind(exc)
         resp = upstream_error(kind)
         if self._drain.triggered:
             resp.force_close()

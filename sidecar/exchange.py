@@ -1,0 +1,109 @@
+"""One request to the app and its response, over a pooled connection.
+
+The request head is serialized once into bytes.  A body that is already fully
+received leaves in the same write as the head; any other body is streamed by a
+task, with flow control both ways (the client's side is aiohttp's
+``StreamReader``, the app's side ``Connection.drain()``), while the response is
+awaited: an app may answer before it has read the whole body.  A body without a
+Content-Length (the client sent it chunked) is sent chunked.
+
+``close()`` must follow every exchange: the connection goes back to the pool
+only after a complete response with the whole request sent; in every other case
+(an error, a timeout, a cancellation by the drain or by a client that went away)
+it is closed, so the app sees the disconnect at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiohttp import StreamReader
+
+from .connection import Connection, UpstreamError
+from .pool import Pool
+
+__all__ = ("Exchange", "request_head")
+
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+def request_head(
+    method: str, target: str, headers: Iterable[tuple[str, str]], *, host: str,
+    body: bool, has_length: bool,
+) -> bytes:
+    """The request line and headers; Host and the body's framing added when missing."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    has_host = False
+    for name, value in headers:
+        lines.append(f"{name}: {value}")
+        if not has_host and name.lower() == "host":
+            has_host = True
+    if not has_host:
+        lines.append(f"Host: {host}")
+    if body and not has_length:
+        lines.append("Transfer-Encoding: chunked")
+    elif not body and not has_length and method in _BODY_METHODS:
+        lines.append("Content-Length: 0")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+class Exchange:
+    """Send one request, then read its response with ``conn.read()``; always ``close()``."""
+
+    __slots__ = ("_pool", "_sender", "conn")
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self.conn: Connection | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    async def send(
+        self, head: bytes, body: StreamReader | None, *, chunked: bool, head_only: bool
+    ) -> Connection:
+        """Send the request; return the connection once the response head is in."""
+        conn = self.conn = await self._pool.acquire()
+        conn.begin(head_only=head_only)
+        if body is None:
+            conn.write(head)
+        else:
+            data = body.read_nowait()
+            if body.at_eof():  # all here already: one write
+                conn.write(head + _frame(data, chunked) + (b"0\r\n\r\n" if chunked else b""))
+            else:
+                conn.write(head + _frame(data, chunked))
+                self._sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+        await conn.response_head()
+        return conn
+
+    def close(self) -> None:
+        """Return the connection to the pool if the exchange completed cleanly, else close it."""
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        sender = self._sender
+        sent = sender is None or (sender.done() and not sender.cancelled())
+        if sender is not None and not sender.done():
+            sender.cancel()
+        self._pool.release(conn, reuse=sent and conn.at_eof)
+
+
+def _frame(data: bytes, chunked: bool) -> bytes:
+    if not chunked or not data:
+        return data
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
+    try:
+        while data := await body.readany():
+            conn.write(_frame(data, chunked))
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+    except UpstreamError:
+        pass  # the connection failed: the reader of the response raises it
+    except Exception as exc:  # noqa: BLE001 - the client's body broke off: the exchange ends
+        conn.fail(UpstreamError("reset", f"request body not received in full: {exc}"))
