@@ -57,9 +57,8 @@ class Connection(asyncio.Protocol):
         self._fresh_parser = False
         self.idle = False  # set by the pool while the connection waits in it
         self.closed = False
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self._head_only = False
-        self._until_close = False
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -130,9 +129,6 @@ class Connection(asyncio.Protocol):
         if self._head_only:  # HEAD: the response ends here, whatever its headers announce
             self._fresh_parser = True
             self._finish()
-        elif status not in (204, 304):
-            names = {name.lower() for name, _ in self.headers}
-            self._until_close = "content-length" not in names and "transfer-encoding" not in names
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -158,9 +154,7 @@ class Connection(asyncio.Protocol):
         if self._fresh_parser:
             self._parser = httptools.HttpResponseParser(self)
             self._fresh_parser = False
-        self.idle = False
         self._head_only = head_only
-        self._until_close = False
         self.status = 0
         self.reason = ""
         self.headers = []
@@ -227,6 +221,13 @@ class Connection(asyncio.Protocol):
 
     # --- internals -----------------------------------------------------------------------------
 
+    def _until_close(self) -> bool:
+        """The body has no length of its own: it ends when the app closes the connection."""
+        if self.status in (204, 304):
+            return False
+        names = {name.lower() for name, _ in self.headers}
+        return "content-length" not in names and "transfer-encoding" not in names
+
     def _finish(self) -> None:
         self.complete = True
 
@@ -236,7 +237,7 @@ class Connection(asyncio.Protocol):
             if not was_closed:
                 self._on_idle_close(self)
             return
-        if self._head_done and self._until_close and not self.complete:
+        if self._head_done and not self.complete and self._until_close():
             self._finish()  # a body delimited by the connection close
         elif not self.complete:
             self.fail(_closed_early())

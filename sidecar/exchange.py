@@ -29,17 +29,14 @@ _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
 def request_head(
-    method: str, target: str, headers: Iterable[tuple[str, str]], *, host: str,
+    method: str, target: str, headers: Iterable[tuple[str, str]], *, host: str | None,
     body: bool, has_length: bool,
 ) -> bytes:
-    """The request line and headers; Host and the body's framing added when missing."""
+    """The request line and headers; ``host`` (when the client sent none) and the body's
+    framing are added."""
     lines = [f"{method} {target} HTTP/1.1"]
-    has_host = False
-    for name, value in headers:
-        lines.append(f"{name}: {value}")
-        if not has_host and name.lower() == "host":
-            has_host = True
-    if not has_host:
+    lines.extend([f"{name}: {value}" for name, value in headers])
+    if host is not None:
         lines.append(f"Host: {host}")
     if body and not has_length:
         lines.append("Transfer-Encoding: chunked")

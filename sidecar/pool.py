@@ -1,8 +1,10 @@
 """Keep-alive connections to the app (TCP or unix socket), bounded in number and in idle time.
 
 ``acquire()`` hands out the most recently used idle connection, or dials a new
-one within ``connect_timeout``; ``release()`` takes it back, idle for at most
-``idle_timeout`` seconds, or closes it.  At most ``limit`` connections exist at
+one within ``connect_timeout``; ``release()`` takes it back or closes it.  A
+connection idle for ``idle_timeout`` seconds is never handed out again, and a sweep
+(every eighth of that, only while connections are idle) closes it: one timer for
+the pool rather than one per request.  At most ``limit`` connections exist at
 once (0: no limit); callers beyond that wait for one to be released.
 
 Reuse rule, so that no request is ever sent twice: a pooled connection is only
@@ -48,6 +50,7 @@ class Pool:
         self._open = 0  # connections that exist (idle, in use, or being dialled)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def open(self) -> int:
@@ -61,14 +64,13 @@ class Pool:
         while True:
             if self._closed:
                 raise UpstreamError("connect", "the proxy is shutting down")
-            while self._idle:
+            if self._idle:
                 conn = self._idle.pop()
-                if conn.idle_handle is not None:
-                    conn.idle_handle.cancel()
-                    conn.idle_handle = None
-                if not conn.closed:
+                if not conn.closed and self._loop.time() - conn.idle_since < self._idle_timeout:
+                    conn.idle = False
                     return conn
-                self._forget()  # pragma: no cover - closed idle connections leave at once
+                self._drop(conn)
+                continue
             if not self._limit or self._open < self._limit:
                 break
             waiter = self._loop.create_future()
@@ -90,8 +92,10 @@ class Pool:
         """Take a connection back: pooled if ``reuse`` and it is fit for it, else closed."""
         if reuse and not self._closed and conn.reusable:
             conn.idle = True
-            conn.idle_handle = self._loop.call_later(self._idle_timeout, self._expire, conn)
+            conn.idle_since = self._loop.time()
             self._idle.append(conn)
+            if self._sweeper is None:
+                self._sweeper = self._loop.call_later(self._idle_timeout / 8, self._sweep)
             self._wake_one()
             return
         conn.close()
@@ -100,6 +104,9 @@ class Pool:
     def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
             self._drop(self._idle.pop())
         for waiter in self._waiters:
@@ -126,16 +133,17 @@ class Pool:
             raise UpstreamError("connect", _connect_message(exc, self._address)) from None
         return conn
 
-    def _expire(self, conn: Connection) -> None:
-        conn.idle_handle = None
-        if conn in self._idle:
-            self._idle.remove(conn)
-            self._drop(conn)
+    def _sweep(self) -> None:
+        """Close the connections idle for ``idle_timeout`` (the oldest are on the left)."""
+        self._sweeper = None
+        idle = self._idle
+        expired = self._loop.time() - self._idle_timeout
+        while idle and idle[0].idle_since <= expired:
+            self._drop(idle.popleft())
+        if idle:
+            self._sweeper = self._loop.call_later(self._idle_timeout / 8, self._sweep)
 
     def _drop(self, conn: Connection) -> None:
-        if conn.idle_handle is not None:
-            conn.idle_handle.cancel()
-            conn.idle_handle = None
         conn.close()
         self._forget()
 
@@ -143,9 +151,6 @@ class Pool:
         """The app closed (or wrote on) an idle pooled connection."""
         if conn in self._idle:
             self._idle.remove(conn)
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
             self._forget()
 
     def _forget(self) -> None:

@@ -16,6 +16,7 @@ from time import monotonic
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config
@@ -227,11 +228,14 @@ class Proxy:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         method = request.method
+        received = request.headers
+        has_length = "Content-Length" in received
         head = request_head(
-            method, self._target(request), request_headers(request.headers, client=request.remote).items(),
-            host=self._host, body=body is not None, has_length="Content-Length" in request.headers,
+            method, self._target(request), request_headers(received, client=request.remote),
+            host=None if "Host" in received else self._host, body=body is not None,
+            has_length=has_length,
         )
-        chunked = body is not None and "Content-Length" not in request.headers
+        chunked = body is not None and not has_length
         exchange = Exchange(pool)
         resp: ProxyResponse | None = None
         try:
@@ -301,7 +305,7 @@ class Proxy:
     async def _websocket(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
         session = self._session
         assert session is not None
-        headers = request_headers(request.headers, client=request.remote)
+        headers = CIMultiDict(request_headers(request.headers, client=request.remote))
         for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                      "Sec-WebSocket-Protocol", "Content-Length"):
             headers.popall(name, None)
