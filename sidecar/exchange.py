@@ -7,7 +7,8 @@ task, with flow control both ways (the client's side is aiohttp's
 awaited: an app may answer before it has read the whole body.  A body without a
 Content-Length (the client sent it chunked) is sent chunked.
 
-``close()`` must follow every exchange: the connection goes back to the pool
+``relay()`` streams the answer into the client's response.  ``close()`` must
+follow every exchange: the connection goes back to the pool
 only after a complete response with the whole request sent; in every other case
 (an error, a timeout, a cancellation by the drain or by a client that went away)
 it is closed, so the app sees the disconnect at once.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 
 from .connection import Connection, UpstreamError
 from .pool import Pool
@@ -47,7 +48,7 @@ def request_head(
 
 
 class Exchange:
-    """Send one request, then read its response with ``conn.read()``; always ``close()``."""
+    """``send()`` one request, ``relay()`` its response, and always ``close()``."""
 
     __slots__ = ("_pool", "_sender", "conn")
 
@@ -73,6 +74,25 @@ class Exchange:
                 self._sender = asyncio.ensure_future(_send_body(conn, body, chunked))
         await conn.response_head()
         return conn
+
+    async def relay(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
+        """Stream the response body to the client; the head leaves with the first bytes."""
+        conn = self.conn
+        assert conn is not None
+        writer = await resp.prepare(request)  # the head waits for the first body bytes
+        chunk = conn.read_nowait()
+        if conn.complete:  # the whole body is here: one write for head and body
+            self.close()
+            await resp.write_eof(chunk)
+            return
+        if chunk:
+            await resp.write(chunk)
+        elif writer is not None:  # a stream with nothing to say yet: the head goes now
+            writer.send_headers()
+        while chunk := await conn.read():
+            await resp.write(chunk)
+        self.close()  # before the last write: the connection serves the next request sooner
+        await resp.write_eof()
 
     def close(self) -> None:
         """Return the connection to the pool if the exchange completed cleanly, else close it."""

@@ -27,14 +27,8 @@ from .headers import request_headers, response_headers
 from .log import access_logger
 from .metrics import Metrics
 from .pool import Pool
-from .responses import (
-    ProxyResponse,
-    describe_error,
-    rejection,
-    upstream_error,
-    upstream_error_kind,
-)
-from .upstream import base_url, connector
+from .responses import ProxyResponse, describe_error, rejection, upstream_error, upstream_error_kind
+from .upstream import base_url, connector, host_header, upstream_pool
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)
@@ -76,8 +70,7 @@ class Proxy:
             total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
         )
         self._exchange_timeout = up.timeout or None
-        url = URL(self._base)
-        self._host = "localhost" if up.unix_path else (url.raw_authority or "localhost")
+        self._host = host_header(up)
         self._pool: Pool | None = None
         self._retry_after = str(config.drain.retry_after)
         self._access_log = config.logging.access_log
@@ -94,12 +87,7 @@ class Proxy:
 
     async def start(self) -> None:
         up = self._config.upstream
-        url = URL(self._base)
-        self._pool = Pool(
-            host=url.raw_host or "", port=url.port or 80, unix_path=up.unix_path,
-            connect_timeout=up.connect_timeout, limit=up.max_connections,
-            idle_timeout=UPSTREAM_IDLE,
-        )
+        self._pool = upstream_pool(up, idle_timeout=UPSTREAM_IDLE)
         self._session = aiohttp.ClientSession(
             connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
             timeout=self._timeout,
@@ -245,59 +233,35 @@ class Proxy:
                 resp.headers.extend(response_headers(up.headers))
                 if self._drain.triggered:
                     resp.force_close()
-                writer = await resp.prepare(request)  # the head waits for the first body bytes
-                chunk = up.read_nowait()
-                if up.complete:  # the whole body is here: one write for head and body
-                    exchange.close()
-                    await resp.write_eof(chunk)
-                    return resp, up.status
-                if chunk:
-                    await resp.write(chunk)
-                elif writer is not None:  # a stream with nothing to say yet: the head goes now
-                    writer.send_headers()
-                while chunk := await up.read():
-                    await resp.write(chunk)
-                exchange.close()
-                await resp.write_eof()
+                await exchange.relay(request, resp)
                 return resp, up.status
         except (UpstreamError, TimeoutError) as exc:
-            if resp is not None and resp.prepared:
-                # Headers are out: cut the connection so the client never takes a
-                # truncated body for a complete one.
-                self._count_error(exc)
-                self._log_error(exc)
-                transport = request.transport
-                if transport is not None:
-                    transport.abort()
-                return resp, resp.status
-            error = self._error_response(exc)
-            return error, error.status
-        except aiohttp.ClientConnectionResetError:
-            # Writing to the client failed: it went away.
-            transport = request.transport
             if resp is None or not resp.prepared:
+                error = self._error_response(exc)
+                return error, error.status
+            # Headers are out: cut the connection so the client never takes a truncated
+            # body for a complete one.
+            self._upstream_failed(exc)
+            _cut(request)
+            return resp, resp.status
+        except aiohttp.ClientConnectionResetError:  # the client went away during the answer
+            if resp is None:
                 raise
-            if transport is not None:
-                transport.abort()
+            _cut(request)
             return resp, CLIENT_CLOSED
         finally:
             exchange.close()  # a no-op after a complete exchange; else the app sees a disconnect
 
-    def _count_error(self, exc: BaseException) -> str:
+    def _upstream_failed(self, exc: BaseException) -> str:
+        """Count and log a failed exchange; return its kind."""
         kind = upstream_error_kind(exc)
         self._metrics.upstream_errors.labels(kind).inc()
+        error = describe_error(exc, self._exchange_timeout or 0.0)[:300]
+        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": error}})
         return kind
 
-    def _log_error(self, exc: BaseException) -> None:
-        logger.warning("upstream error", extra={"fields": {
-            "kind": upstream_error_kind(exc),
-            "error": describe_error(exc, self._exchange_timeout or 0.0)[:300]}})
-
     def _error_response(self, exc: BaseException) -> web.Response:
-        self._count_error(exc)
-        self._log_error(exc)
-        kind = upstream_error_kind(exc)
-        resp = upstream_error(kind)
+        resp = upstream_error(self._upstream_failed(exc))
         if self._drain.triggered:
             resp.force_close()
         return resp
@@ -323,6 +287,12 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
+
+
+def _cut(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.apps.upstream import make_app, pattern
-from tests.conftest import StartSidecar, raw_request, read_response, upstream_url
+from tests.conftest import StartSidecar, free_port, raw_request, read_response, upstream_url
 
 Reply = Callable[[asyncio.Transport], None]
 
@@ -314,3 +314,15 @@ async def test_expect_100_continue_gets_100_then_the_answer(proxied) -> None:
         assert f'"sha256": "{hashlib.sha256(b"hello").hexdigest()}"' in body.decode()
     finally:
         writer.close()
+
+
+async def test_unreachable_upstream_is_logged_in_words_not_as_a_repr(
+        start_sidecar: StartSidecar, client: aiohttp.ClientSession) -> None:
+    """The log says what failed and where (issue 9 §4), with the kind counted in the metric."""
+    port = free_port()  # nothing listens there
+    sidecar = await start_sidecar(upstream=f"http://127.0.0.1:{port}")
+    async with client.get(sidecar.url + "/x") as resp:
+        assert resp.status == 502
+    entry = await sidecar.wait_log("upstream error")
+    assert entry["kind"] == "connect"
+    assert entry["error"] == f"connection refused by 127.0.0.1:{port}"
