@@ -10,6 +10,7 @@ parsed by httptools); websockets go through an aiohttp ``ClientSession``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from time import monotonic
 
@@ -88,6 +89,10 @@ class Proxy:
     async def start(self) -> None:
         up = self._config.upstream
         self._pool = upstream_pool(up, idle_timeout=UPSTREAM_IDLE)
+        # What exists now (modules, config, metrics) lives as long as the process: keep it
+        # out of the collector's way, so a full collection under load does not scan it
+        # (measured under wrk: worst pause 34 ms -> 5 ms).
+        gc.freeze()
         self._session = aiohttp.ClientSession(
             connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
             timeout=self._timeout,
