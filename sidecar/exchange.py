@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import StreamReader, web
 
@@ -50,18 +51,35 @@ def request_head(
 class Exchange:
     """``send()`` one request, ``relay()`` its response, and always ``close()``."""
 
-    __slots__ = ("_pool", "_sender", "conn")
+    __slots__ = ("_expired", "_pool", "_sender", "_timeout", "_timer", "conn")
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.conn: Connection | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._expired = False
 
     async def send(
-        self, head: bytes, body: StreamReader | None, *, chunked: bool, head_only: bool
+        self, head: bytes, body: StreamReader | None, *, chunked: bool, head_only: bool,
+        timeout: float | None, task: asyncio.Task[Any],
     ) -> Connection:
-        """Send the request; return the connection once the response head is in."""
-        conn = self.conn = await self._pool.acquire()
+        """Send the request; return the connection once the response head is in.
+
+        ``timeout`` bounds the whole exchange, until ``close()``, with one timer: when
+        it fires, the exchange fails with an ``UpstreamError`` of kind ``timeout``
+        (``task``, the caller, is cancelled if it is still waiting for a connection).
+        """
+        if timeout is not None:
+            self._timeout = timeout
+            self._timer = task.get_loop().call_later(timeout, self._expire, task)
+        try:
+            conn = self.conn = await self._pool.acquire()
+        except asyncio.CancelledError:
+            if self._expired and task.uncancel() == 0:
+                raise self._timeout_error() from None
+            raise
         conn.begin(head_only=head_only)
         if body is None:
             conn.write(head)
@@ -96,6 +114,9 @@ class Exchange:
 
     def close(self) -> None:
         """Return the connection to the pool if the exchange completed cleanly, else close it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         conn = self.conn
         if conn is None:
             return
@@ -105,6 +126,18 @@ class Exchange:
         if sender is not None and not sender.done():
             sender.cancel()
         self._pool.release(conn, reuse=sent and conn.at_eof)
+
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._timer = None
+        if self.conn is not None:
+            self.conn.fail(self._timeout_error())
+        else:  # still waiting for a connection
+            self._expired = True
+            task.cancel()
+
+    def _timeout_error(self) -> UpstreamError:
+        return UpstreamError("timeout", f"no complete answer within {self._timeout:g}s")
 
 
 def _frame(data: bytes, chunked: bool) -> bytes:

@@ -232,15 +232,15 @@ class Proxy:
         exchange = Exchange(pool)
         resp: ProxyResponse | None = None
         try:
-            async with asyncio.timeout(self._exchange_timeout):  # one deadline for the whole exchange
-                up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
-                resp = ProxyResponse(status=up.status, reason=up.reason)
-                resp.headers.extend(response_headers(up.headers))
-                if self._drain.triggered:
-                    resp.force_close()
-                await exchange.relay(request, resp)
-                return resp, up.status
-        except (UpstreamError, TimeoutError) as exc:
+            up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD",
+                                     timeout=self._exchange_timeout, task=request.task)
+            resp = ProxyResponse(status=up.status, reason=up.reason)
+            resp.headers.extend(response_headers(up.headers))
+            if self._drain.triggered:
+                resp.force_close()
+            await exchange.relay(request, resp)
+            return resp, up.status
+        except UpstreamError as exc:
             if resp is None or not resp.prepared:
                 error = self._error_response(exc)
                 return error, error.status

@@ -326,3 +326,17 @@ async def test_unreachable_upstream_is_logged_in_words_not_as_a_repr(
     entry = await sidecar.wait_log("upstream error")
     assert entry["kind"] == "connect"
     assert entry["error"] == f"connection refused by 127.0.0.1:{port}"
+
+
+async def test_timeout_after_the_head_went_out_cuts_the_client_connection(
+        start_sidecar: StartSidecar, upstream, client: aiohttp.ClientSession) -> None:  # type: ignore[no-untyped-def]
+    """A stream still open at upstream.timeout is cut, never ended as if complete; counted timeout."""
+    sidecar = await start_sidecar({"upstream": {"timeout": "300ms"}}, upstream=upstream_url(upstream))
+    async with client.get(sidecar.url + "/stream?key=cut") as resp:
+        assert resp.status == 200
+        assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"data: first\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(resp.content.read(), 5)
+    assert await _metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 1
+    entry = await sidecar.wait_log("upstream error")
+    assert entry == {**entry, "kind": "timeout", "error": "no complete answer within 0.3s"}
