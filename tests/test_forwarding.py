@@ -247,32 +247,35 @@ def _hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-BIG = 256 << 20
+GIB = 1 << 30
 
 
-async def test_quarter_gib_download_grows_peak_memory_by_less_than_20_mib(proxied, client) -> None:
+async def test_one_gib_download_grows_peak_memory_by_less_than_20_mib(proxied, client) -> None:
     """Flow control from the app to the client: the sidecar holds a bounded window, not the body."""
     before = _hwm_kib(proxied.proc.pid)
     size = 0
-    async with client.get(proxied.url + f"/bytes?n={BIG}&chunked=1") as resp:
-        async for chunk in resp.content.iter_chunked(1 << 16):
+    async with client.get(proxied.url + f"/bytes?n={GIB}&chunked=1") as resp:
+        async for chunk in resp.content.iter_chunked(1 << 20):
             size += len(chunk)
-    assert size == BIG
+    assert size == GIB
     assert _hwm_kib(proxied.proc.pid) - before < 20 * 1024
 
 
-async def test_quarter_gib_chunked_upload_grows_peak_memory_by_less_than_20_mib(proxied, client) -> None:
+async def test_one_gib_chunked_upload_grows_peak_memory_by_less_than_20_mib(proxied, client) -> None:
     """Flow control from the client to the app, for a body sent without a length (re-chunked)."""
     before = _hwm_kib(proxied.proc.pid)
     block = pattern(1 << 20)
+    expected = hashlib.sha256()
+    for _ in range(GIB // len(block)):
+        expected.update(block)
 
     async def body():  # type: ignore[no-untyped-def]
-        for _ in range(BIG // len(block)):
+        for _ in range(GIB // len(block)):
             yield block
 
     async with client.post(proxied.url + "/upload", data=body()) as resp:
         result = await resp.json()
-    assert result == {"size": BIG, "sha256": hashlib.sha256(block * (BIG // len(block))).hexdigest()}
+    assert result == {"size": GIB, "sha256": expected.hexdigest()}
     assert _hwm_kib(proxied.proc.pid) - before < 20 * 1024
 
 
