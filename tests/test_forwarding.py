@@ -61,6 +61,14 @@ class RawApp:
         elif target == "/trailers":
             transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
                             b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n")
+        elif target == "/early-hints":  # an interim 103, then the answer
+            transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                            + _ok(b"final"))
+        elif target == "/until-close":  # no length: the body ends with the connection
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+            transport.close()
+        elif target == "/garbage":
+            transport.write(b"SPDY/9 what\r\n\r\n")
         elif target.startswith("/hold/"):
             event = self.hold(target[6:])
 
@@ -183,6 +191,40 @@ async def test_chunked_response_with_trailers_keeps_its_body_and_drops_the_trail
             assert "X-Sum" not in resp.headers and "Trailer" not in resp.headers
     (first, *_), (second, *_) = raw_app.log
     assert first == second, "the pooled connection was not reused after a chunked answer"
+
+
+async def test_interim_1xx_is_skipped_and_the_final_answer_forwarded(
+        start_sidecar: StartSidecar, raw_app: RawApp, client: aiohttp.ClientSession) -> None:
+    """A 103 Early Hints from the app is not passed on; the 200 after it is, on a reusable connection."""
+    sidecar = await start_sidecar(upstream=raw_app.url)
+    for _ in range(2):
+        async with client.get(sidecar.url + "/early-hints") as resp:
+            assert resp.status == 200 and await resp.read() == b"final"
+            assert "Link" not in resp.headers
+    (first, *_), (second, *_) = raw_app.log
+    assert first == second
+
+
+async def test_body_delimited_by_the_close_arrives_whole(
+        start_sidecar: StartSidecar, raw_app: RawApp, client: aiohttp.ClientSession) -> None:
+    """An answer with neither Content-Length nor chunked ends when the app closes: complete, 200."""
+    sidecar = await start_sidecar(upstream=raw_app.url)
+    async with client.get(sidecar.url + "/until-close") as resp:
+        assert resp.status == 200 and await resp.read() == b"all of it"
+    async with client.get(sidecar.url + "/next") as resp:  # on a new connection
+        assert resp.status == 200
+
+
+async def test_an_answer_that_is_not_http_is_a_502_and_the_proxy_goes_on(
+        start_sidecar: StartSidecar, raw_app: RawApp, client: aiohttp.ClientSession) -> None:
+    """An unparseable answer from the app: 502 counted reset, logged in words; next request fine."""
+    sidecar = await start_sidecar(upstream=raw_app.url)
+    async with client.get(sidecar.url + "/garbage") as resp:
+        assert resp.status == 502
+    entry = await sidecar.wait_log("upstream error")
+    assert entry["kind"] == "reset" and entry["error"].startswith("invalid response from the upstream")
+    async with client.get(sidecar.url + "/next") as resp:
+        assert resp.status == 200 and await resp.read() == b"/next"
 
 
 async def test_pooled_connection_closed_by_the_app_is_not_reused(
