@@ -118,7 +118,13 @@ class Connection(asyncio.Protocol):
             self.headers.append(
                 (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: the connection is not reused
+            self._dirty = True
+
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # interim response (103 Early Hints): skip it
             self.headers = []
@@ -232,10 +238,9 @@ class Connection(asyncio.Protocol):
         self.complete = True
 
     def _ended(self) -> None:
-        was_closed, self.closed = self.closed, True
+        self.closed = True
         if self.idle:
-            if not was_closed:
-                self._on_idle_close(self)
+            self._on_idle_close(self)  # the pool forgets it (a no-op if the pool closed it)
             return
         if self._head_done and not self.complete and self._until_close():
             self._finish()  # a body delimited by the connection close

@@ -67,6 +67,9 @@ class RawApp:
         elif target == "/until-close":  # no length: the body ends with the connection
             transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
             transport.close()
+        elif target == "/ok-then-babble":  # stray bytes after the answer: nothing was asked
+            transport.write(_ok(b"first"))
+            asyncio.get_running_loop().call_later(0.05, transport.write, b"HTTP/1.1 200 OK\r\n")
         elif target == "/garbage":
             transport.write(b"SPDY/9 what\r\n\r\n")
         elif target.startswith("/hold/"):
@@ -237,6 +240,23 @@ async def test_pooled_connection_closed_by_the_app_is_not_reused(
         assert resp.status == 200 and await resp.read() == b"/next"
     (first, *sent_first), (second, *sent_next) = raw_app.log  # each request exactly once
     assert sent_first == ["GET", "/ok-then-close"] and sent_next == ["GET", "/next"]
+    assert first != second
+
+
+async def test_pooled_connection_the_app_wrote_on_unasked_is_not_reused(
+        start_sidecar: StartSidecar, raw_app: RawApp, client: aiohttp.ClientSession) -> None:
+    """Bytes from the app on an idle connection: it is closed, the next request gets a new one."""
+    sidecar = await start_sidecar(upstream=raw_app.url)
+    async with client.get(sidecar.url + "/ok-then-babble") as resp:
+        assert await resp.read() == b"first"
+    for _ in range(500):  # until the sidecar has closed the babbling connection
+        if raw_app.open == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert raw_app.open == 0
+    async with client.get(sidecar.url + "/next") as resp:
+        assert resp.status == 200 and await resp.read() == b"/next"
+    (first, *_), (second, *_) = raw_app.log
     assert first != second
 
 
