@@ -33,7 +33,8 @@ def _ok(body: bytes = b"ok") -> bytes:
 class RawApp:
     """A real app server on a free port; ``log`` holds (connection number, method, target).
 
-    The sidecar's startup probe opens (and closes) one connection too.
+    The sidecar's startup probe opens (and closes) one connection too; ``open`` and
+    ``most_open`` count only connections that carried a request.
     """
 
     def __init__(self) -> None:
@@ -90,15 +91,15 @@ class RawApp:
         class Protocol(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 app.connections += 1
-                app.open += 1
-                app.most_open = max(app.most_open, app.open)
                 self.number = app.connections
+                self.used = False
                 self.transport = transport
                 self.parser = httptools.HttpRequestParser(self)
                 self.target = ""
 
             def connection_lost(self, exc: Exception | None) -> None:
-                app.open -= 1
+                if self.used:
+                    app.open -= 1
 
             def data_received(self, data: bytes) -> None:
                 self.parser.feed_data(data)
@@ -107,6 +108,10 @@ class RawApp:
                 self.target = url.decode()
 
             def on_message_complete(self) -> None:
+                if not self.used:  # count connections that carry requests (not the startup probe)
+                    self.used = True
+                    app.open += 1
+                    app.most_open = max(app.most_open, app.open)
                 app.log.append((self.number, self.parser.get_method().decode(), self.target))
                 app.reply(self.target, self.transport)  # type: ignore[arg-type]
 
@@ -128,7 +133,8 @@ async def raw_app() -> AsyncIterator[RawApp]:
 
 @pytest.fixture
 async def proxied(start_sidecar: StartSidecar, upstream):  # type: ignore[no-untyped-def]
-    return await start_sidecar({"upstream": {"timeout": "5s"}}, upstream=upstream_url(upstream))
+    # A GiB each way must not meet upstream.timeout on a loaded machine.
+    return await start_sidecar({"upstream": {"timeout": "300s"}}, upstream=upstream_url(upstream))
 
 
 async def _metric(client: aiohttp.ClientSession, admin: str, line_start: str) -> float:
