@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 __all__ = ("HOP_BY_HOP", "request_headers", "response_headers")
 
@@ -29,42 +29,65 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"expect"}
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def _named_by_connection(values: Iterable[str]) -> frozenset[str]:
     named: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in values:
         named.update(token.strip().lower() for token in value.split(","))
     return frozenset(named)
 
 
-def _filter(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
-) -> Iterable[tuple[str, str]]:
-    if "Connection" in headers:
-        drop = drop | _named_by_connection(headers)
-    return ((k, v) for k, v in headers.items() if k.lower() not in drop)
-
-
 def request_headers(
     headers: CIMultiDictProxy[str], *, client: str | None, proto: str = "http"
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """Headers to send upstream: end-to-end ones as received, plus X-Forwarded-*.
 
-    X-Forwarded-For gets the client appended.  X-Forwarded-Proto and -Host are set
-    from this hop when absent and kept when an earlier proxy (the ingress that
-    terminated TLS) set them, as a non-edge Envoy does: overwriting ``https`` with
-    this hop's ``http`` sends apps that enforce HTTPS into redirect loops.
+    X-Forwarded-For gets the client appended (one field, where the first one was).
+    X-Forwarded-Proto and -Host are set from this hop when absent and kept when an
+    earlier proxy (the ingress that terminated TLS) set them, as a non-edge Envoy
+    does: overwriting ``https`` with this hop's ``http`` sends apps that enforce
+    HTTPS into redirect loops.  One pass over the headers: this runs per request.
     """
-    out: CIMultiDict[str] = CIMultiDict(_filter(headers, _REQUEST_DROP))
+    drop = _REQUEST_DROP
+    if "Connection" in headers:
+        drop = drop | _named_by_connection(headers.getall("Connection"))
+    out: list[tuple[str, str]] = []
+    prior: list[str] = []
+    at = -1
+    has_proto = has_host = False
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == "x-forwarded-for" and client:
+            if at < 0:
+                at = len(out)
+                out.append((name, value))
+            prior.append(value)
+            continue
+        if lname == "x-forwarded-proto":
+            has_proto = True
+        elif lname == "x-forwarded-host":
+            has_host = True
+        out.append((name, value))
     if client:
-        prior = ", ".join(out.getall("X-Forwarded-For", ()))
-        out["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-    out.setdefault("X-Forwarded-Proto", proto)
-    host = headers.get("Host")
-    if host is not None:
-        out.setdefault("X-Forwarded-Host", host)
+        forwarded_for = ", ".join((*prior, client))
+        if at < 0:
+            out.append(("X-Forwarded-For", forwarded_for))
+        else:
+            out[at] = ("X-Forwarded-For", forwarded_for)
+    if not has_proto:
+        out.append(("X-Forwarded-Proto", proto))
+    if not has_host:
+        host = headers.get("Host")
+        if host is not None:
+            out.append(("X-Forwarded-Host", host))
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers to send to the client: the upstream's, minus hop-by-hop ones."""
-    return list(_filter(headers, HOP_BY_HOP))
+    drop = HOP_BY_HOP
+    named = [v for k, v in headers if k.lower() == "connection"]
+    if named:
+        drop = drop | _named_by_connection(named)
+    return [(k, v) for k, v in headers if k.lower() not in drop]

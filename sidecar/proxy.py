@@ -2,29 +2,35 @@
 
 The proxy listener is aiohttp's low-level ``web.Server`` (no router, no
 middlewares) bound with ``loop.create_server`` so the server socket is ours to
-close when admission stops.  Upstream traffic goes through one pooled
-``ClientSession``.
+close when admission stops.  HTTP requests go to the app over our own keep-alive
+pool (``pool``, ``exchange``, ``connection``: lean asyncio protocols, responses
+parsed by httptools); websockets go through an aiohttp ``ClientSession``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from time import monotonic
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config
+from .connection import UpstreamError
 from .connections import Connections
 from .drain import Drain, Flight
+from .exchange import Exchange, request_head
 from .headers import request_headers, response_headers
 from .log import access_logger
 from .metrics import Metrics
-from .responses import ProxyResponse, rejection, upstream_error, upstream_error_kind
-from .upstream import base_url, connector
+from .pool import Pool
+from .responses import ProxyResponse, describe_error, rejection, upstream_error, upstream_error_kind
+from .upstream import base_url, connector, host_header, upstream_pool
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)
@@ -64,6 +70,9 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(
             total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
         )
+        self._exchange_timeout = up.timeout or None
+        self._host = host_header(up)
+        self._pool: Pool | None = None
         self._retry_after = str(config.drain.retry_after)
         self._access_log = config.logging.access_log
         self._websockets_close = config.drain.websockets == "close"
@@ -80,6 +89,11 @@ class Proxy:
 
     async def start(self) -> None:
         up = self._config.upstream
+        self._pool = upstream_pool(up, idle_timeout=UPSTREAM_IDLE)
+        # What exists now (modules, config, metrics) lives as long as the process: keep it
+        # out of the collector's way, so a full collection under load does not scan it
+        # (measured under wrk: worst pause 34 ms -> 5 ms).
+        gc.freeze()
         self._session = aiohttp.ClientSession(
             connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
             timeout=self._timeout,
@@ -131,6 +145,8 @@ class Proxy:
     async def close(self) -> None:
         for conn in self.web_server.connections:
             conn.force_close()
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -174,68 +190,70 @@ class Proxy:
             _log_access(request, 503, 0.0)
         return rejection(reason, self._retry_after)
 
-    def _url(self, request: web.BaseRequest) -> URL:
+    def _target(self, request: web.BaseRequest) -> str:
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form request target
             target = URL(target).raw_path_qs
-        return URL(self._base + target, encoded=True)
+        return target
+
+    def _url(self, request: web.BaseRequest) -> URL:
+        return URL(self._base + self._target(request), encoded=True)
 
     async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
-        session = self._session
-        assert session is not None
+        pool = self._pool
+        assert pool is not None
         body = None
         if request.body_exists:
             body = request.content
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        headers = request_headers(request.headers, client=request.remote)
+        method = request.method
+        received = request.headers
+        has_length = "Content-Length" in received
+        head = request_head(
+            method, self._target(request), request_headers(received, client=request.remote),
+            host=None if "Host" in received else self._host, body=body is not None,
+            has_length=has_length,
+        )
+        chunked = body is not None and not has_length
+        exchange = Exchange(pool)
         resp: ProxyResponse | None = None
         try:
-            async with session.request(
-                request.method, self._url(request), headers=headers, data=body,
-                allow_redirects=False, compress=None, chunked=None,
-            ) as up:
-                resp = ProxyResponse(status=up.status, reason=up.reason)
-                resp.headers.extend(response_headers(up.headers))
-                if self._drain.triggered:
-                    resp.force_close()
-                writer = await resp.prepare(request)  # the head waits for the first body bytes
-                content = up.content
-                chunk = content.read_nowait()
-                if content.at_eof():  # the whole body is here: one write for head and body
-                    await resp.write_eof(chunk)
-                    return resp, up.status
-                if chunk:
-                    await resp.write(chunk)
-                elif writer is not None:  # a stream with nothing to say yet: the head goes now
-                    writer.send_headers()
-                while chunk := await content.readany():
-                    await resp.write(chunk)
-                await resp.write_eof()
-                return resp, up.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if resp is not None and resp.prepared:
-                # Headers are out: cut the connection so the client never takes a
-                # truncated body for a complete one.
-                self._count_error(exc)
-                transport = request.transport
-                if transport is not None:
-                    transport.abort()
-                return resp, resp.status
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
-                raise  # the client went away; nothing to answer
-            error = self._error_response(exc)
-            return error, error.status
+            up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD",
+                                     timeout=self._exchange_timeout, task=request.task)
+            resp = ProxyResponse(status=up.status, reason=up.reason)
+            resp.headers.extend(response_headers(up.headers))
+            if self._drain.triggered:
+                resp.force_close()
+            await exchange.relay(request, resp)
+            return resp, up.status
+        except UpstreamError as exc:
+            if resp is None or not resp.prepared:
+                error = self._error_response(exc)
+                return error, error.status
+            # Headers are out: cut the connection so the client never takes a truncated
+            # body for a complete one.
+            self._upstream_failed(exc)
+            _cut(request)
+            return resp, resp.status
+        except aiohttp.ClientConnectionResetError:  # the client went away during the answer
+            if resp is None:
+                raise
+            _cut(request)
+            return resp, CLIENT_CLOSED
+        finally:
+            exchange.close()  # a no-op after a complete exchange; else the app sees a disconnect
 
-    def _count_error(self, exc: BaseException) -> str:
+    def _upstream_failed(self, exc: BaseException) -> str:
+        """Count and log a failed exchange; return its kind."""
         kind = upstream_error_kind(exc)
         self._metrics.upstream_errors.labels(kind).inc()
+        error = describe_error(exc, self._exchange_timeout or 0.0)[:300]
+        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": error}})
         return kind
 
     def _error_response(self, exc: BaseException) -> web.Response:
-        kind = self._count_error(exc)
-        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": repr(exc)[:300]}})
-        resp = upstream_error(kind)
+        resp = upstream_error(self._upstream_failed(exc))
         if self._drain.triggered:
             resp.force_close()
         return resp
@@ -243,7 +261,7 @@ class Proxy:
     async def _websocket(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
         session = self._session
         assert session is not None
-        headers = request_headers(request.headers, client=request.remote)
+        headers = CIMultiDict(request_headers(request.headers, client=request.remote))
         for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                      "Sec-WebSocket-Protocol", "Content-Length"):
             headers.popall(name, None)
@@ -261,6 +279,12 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
+
+
+def _cut(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-__all__ = ("ProxyResponse", "rejection", "upstream_error", "upstream_error_kind")
+from .connection import UpstreamError
+
+__all__ = ("ProxyResponse", "describe_error", "rejection", "upstream_error", "upstream_error_kind")
 
 
 class ProxyResponse(web.StreamResponse):
@@ -45,11 +47,25 @@ def rejection(reason: str, retry_after: str) -> web.Response:
 
 def upstream_error_kind(exc: BaseException) -> str:
     """``connect`` (refused, unreachable), ``timeout`` or ``reset`` (closed mid-exchange)."""
+    if isinstance(exc, UpstreamError):
+        return exc.kind
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return "connect"
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "reset"
+
+
+def describe_error(exc: BaseException, timeout: float) -> str:
+    """A short human message for the log (not a Python repr)."""
+    if isinstance(exc, UpstreamError):
+        return str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # the websocket leg's client
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason.lower()}"
+    if isinstance(exc, TimeoutError):
+        return f"no complete answer within {timeout:g}s"
+    return str(exc) or type(exc).__name__
 
 
 _UPSTREAM_ERRORS = {

@@ -1,4 +1,4 @@
-"""How to reach the app, over TCP or a unix socket: one place for the three ways we do."""
+"""How to reach the app, over TCP or a unix socket: one place for the four ways we do."""
 
 from __future__ import annotations
 
@@ -9,13 +9,27 @@ import aiohttp
 from yarl import URL
 
 from .config import UpstreamConfig
+from .pool import Pool
 
-__all__ = ("base_url", "connect_once", "connector")
+__all__ = ("base_url", "connect_once", "connector", "host_header", "upstream_pool")
 
 
 def base_url(up: UpstreamConfig) -> str:
     """Where request targets are appended (a unix socket still needs an http:// URL)."""
     return "http://localhost" if up.unix_path else up.url
+
+
+def host_header(up: UpstreamConfig) -> str:
+    """The Host sent to the app for a request that came without one."""
+    return "localhost" if up.unix_path else (URL(up.url).raw_authority or "localhost")
+
+
+def upstream_pool(up: UpstreamConfig, *, idle_timeout: float) -> Pool:
+    """The keep-alive pool of the forwarding path (websockets use ``connector``)."""
+    url = URL(base_url(up))
+    return Pool(host=url.raw_host or "", port=url.port or 80, unix_path=up.unix_path,
+                connect_timeout=up.connect_timeout, limit=up.max_connections,
+                idle_timeout=idle_timeout)
 
 
 def connector(up: UpstreamConfig, **options: Any) -> aiohttp.BaseConnector:

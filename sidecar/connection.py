@@ -1,0 +1,270 @@
+"""One HTTP/1.1 connection to the app, as an asyncio protocol: one exchange at a time.
+
+The response is parsed by llhttp through ``httptools``; nothing is parsed by hand.
+The exchange that owns the connection calls ``begin()``, writes the request, then
+awaits ``response_head()`` and ``read()`` until it returns ``b""``.
+
+Invariants:
+- Flow control both ways.  Response body bytes are buffered up to ``HIGH_WATER``,
+  then the socket stops being read until the reader has taken them below
+  ``LOW_WATER``; request writes wait in ``drain()`` while the transport's write
+  buffer is over its high-water mark.  So a stream of any size stays bounded.
+- ``reusable`` is true only after a complete response on a connection the app
+  keeps alive, and with nothing unexpected received.  Bytes from the app while the
+  connection is idle, EOF, or a parse error close it.
+- A HEAD response ends with its head (llhttp cannot be told the request was HEAD,
+  so the parser is replaced for the next exchange); 1xx interim responses are
+  skipped; a body delimited by the connection close ends at EOF.
+- Trailers of a chunked response are parsed and dropped: the body is passed on,
+  the trailer fields are not (the client side cannot send them).
+- Every failure wakes the waiting reader with an ``UpstreamError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+__all__ = ("HIGH_WATER", "LOW_WATER", "Connection", "UpstreamError")
+
+HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
+LOW_WATER = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """A failed exchange with the app; ``kind`` is ``connect``, ``timeout`` or ``reset``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _closed_early() -> UpstreamError:
+    return UpstreamError("reset", "the upstream closed the connection before the response was complete")
+
+
+class Connection(asyncio.Protocol):
+    """A keep-alive connection to the app; ``on_idle_close`` is told when it ends while idle."""
+
+    def __init__(self, on_idle_close: Callable[[Connection], None]) -> None:
+        self._on_idle_close = on_idle_close
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._fresh_parser = False
+        self.idle = False  # set by the pool while the connection waits in it
+        self.closed = False
+        self.idle_since = 0.0
+        self._head_only = False
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self._head_done = False
+        self.complete = False
+        self._dirty = False
+        self._keep_alive = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+
+    # --- asyncio protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle or self.complete:  # nothing was asked: the connection is not trustworthy
+            self._dirty = True
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
+
+    def eof_received(self) -> bool:
+        self._ended()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- httptools callbacks -------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:  # afterwards: trailer fields, dropped
+            self.headers.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: the connection is not reused
+            self._dirty = True
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # interim response (103 Early Hints): skip it
+            self.headers = []
+            return
+        self.status = status
+        self._head_done = True
+        self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it after the body
+        if self._head_only:  # HEAD: the response ends here, whatever its headers announce
+            self._fresh_parser = True
+            self._finish()
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:  # bytes after a HEAD response's head
+            self._dirty = True
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._head_done and not self.complete:
+            self._finish()
+            self._wake()
+
+    # --- the exchange's side -------------------------------------------------------------------
+
+    def begin(self, *, head_only: bool) -> None:
+        """Start a new exchange on this (idle, open) connection."""
+        if self._fresh_parser:
+            self._parser = httptools.HttpResponseParser(self)
+            self._fresh_parser = False
+        self._head_only = head_only
+        self.status = 0
+        self.reason = ""
+        self.headers = []
+        self._head_done = False
+        self._keep_alive = False
+        self.complete = False
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the app is not reading what we send."""
+        if self._writing_paused and not self.closed:
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            await self._write_waiter
+        if self.closed and not self.complete:
+            raise self._error or _closed_early()
+
+    async def response_head(self) -> None:
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    def read_nowait(self) -> bytes:
+        """Whatever body bytes are buffered (``b""`` if none)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole response has been received and read."""
+        return self.complete and not self._chunks
+
+    async def read(self) -> bytes:
+        """The next body bytes; ``b""`` once the response is complete."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return self.read_nowait()
+
+    @property
+    def reusable(self) -> bool:
+        return (self.complete and not self.closed and not self._dirty
+                and self._keep_alive)
+
+    def close(self) -> None:
+        """Abort the connection (the app sees it go away at once)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _until_close(self) -> bool:
+        """The body has no length of its own: it ends when the app closes the connection."""
+        if self.status in (204, 304):
+            return False
+        names = {name.lower() for name, _ in self.headers}
+        return "content-length" not in names and "transfer-encoding" not in names
+
+    def _finish(self) -> None:
+        self.complete = True
+
+    def _ended(self) -> None:
+        self.closed = True
+        if self.idle:
+            self._on_idle_close(self)  # the pool forgets it (a no-op if the pool closed it)
+            return
+        if self._head_done and not self.complete and self._until_close():
+            self._finish()  # a body delimited by the connection close
+        elif not self.complete:
+            self.fail(_closed_early())
+        self._wake()
+
+    def fail(self, error: UpstreamError) -> None:
+        """End the exchange with this error and close the connection."""
+        if self._error is None:
+            self._error = error
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
