@@ -48,7 +48,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -59,6 +59,7 @@ FRONTS = ("sidecar", "traefik", "caddy", "nginx", "nginx-sleep", "none")
 MODES = ("front-first", "kubelet-parallel")
 CHECK_PATH = {"sidecar": "/readyz", "traefik": "/ping", "caddy": "/", "nginx": "/__lb_check",
               "nginx-sleep": "/__lb_check", "none": "/fast"}
+APPS = ("graceful", "exit")
 KINDS = ("ok", "reset", "refused", "502", "503", "timeout", "other")
 
 
@@ -79,9 +80,9 @@ class Rec:
     detail: str = ""
 
 
-def start_pod(front: str, tmp: str, name: str, args: argparse.Namespace) -> Pod:
+def start_pod(front: str, app_kind: str, tmp: str, name: str, args: argparse.Namespace) -> Pod:
     ids = os.path.join(tmp, f"{name}.ids")
-    app, app_port = C.start_upstream(tmp, name, ["--ids-file", ids,
+    app, app_port = C.start_upstream(tmp, name, ["--ids-file", ids, "--on-sigterm", app_kind,
                                                  "--shutdown-timeout", str(args.app_shutdown_timeout)])
     d, g = f"{args.delay:g}s", f"{args.grace:g}s"
     if front == "sidecar":
@@ -218,9 +219,11 @@ def read_ids(paths: list[str]) -> tuple[dict[str, int], set[str]]:
     return started, finished
 
 
-async def scenario(front: str, mode: str, rnd: int, tmp: str, args: argparse.Namespace) -> dict:
-    tag = f"{front}-{mode}-{rnd}"
-    pods = {s: await asyncio.to_thread(start_pod, front, tmp, f"{tag}-{s}", args) for s in ("a1", "b1")}
+async def scenario(front: str, mode: str, app_kind: str, rnd: int, tmp: str,
+                   args: argparse.Namespace) -> dict:
+    tag = f"{front}-{mode}-{app_kind}-{rnd}"
+    pods = {s: await asyncio.to_thread(start_pod, front, app_kind, tmp, f"{tag}-{s}", args)
+            for s in ("a1", "b1")}
     slots: dict[str, tuple[int, int] | None] = {s: (p.port, p.check_port) for s, p in pods.items()}
     lb = await asyncio.to_thread(peers.start_haproxy, tmp, tag, CHECK_PATH[front],
                                  {**slots, "a2": None, "b2": None})
@@ -233,7 +236,7 @@ async def scenario(front: str, mode: str, rnd: int, tmp: str, args: argparse.Nam
         for old, new in (("a1", "a2"), ("b1", "b2")):
             C.log(f"  {tag}: stopping pod {old}, starting {new}")
             stopping = asyncio.create_task(stop_pod(pods[old], front, mode, args))
-            pods[new] = await asyncio.to_thread(start_pod, front, tmp, f"{tag}-{new}", args)
+            pods[new] = await asyncio.to_thread(start_pod, front, app_kind, tmp, f"{tag}-{new}", args)
             await asyncio.to_thread(lb.put, new, pods[new].port, pods[new].check_port)
             await asyncio.to_thread(lb.wait_status, new, "UP")
             rolls[old] = await stopping
@@ -249,7 +252,8 @@ async def scenario(front: str, mode: str, rnd: int, tmp: str, args: argparse.Nam
                     p.stop(signal.SIGTERM, 10)
     started, _finished = read_ids([os.path.join(tmp, f"{tag}-{s}.ids") for s in pods])
     counts = {k: sum(r.kind == k for r in recs) for k in KINDS}
-    out = {"front": front, "mode": mode, "round": rnd, "requests": len(recs), "counts": counts,
+    out = {"front": front, "mode": mode, "app": app_kind, "round": rnd, "requests": len(recs),
+           "counts": counts,
            "lost": sum(r.kind != "ok" and r.rid in started for r in recs),
            "duplicates": sum(n > 1 for n in started.values()),
            "not_reached": sum(r.kind != "ok" and r.rid not in started for r in recs),
@@ -267,65 +271,92 @@ def fmt_s(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
+def method(args: argparse.Namespace) -> list[str]:
+    d, g = f"{args.delay:g} s", f"{args.grace:g} s"
+    return [
+        "## Method\n",
+        (f"HAProxy (1 thread, keep-alive to the fronts, `option httpchk` on each front's readiness "
+         f"endpoint every 200 ms, `fall 2 rise 2`, default retries, no redispatch: an ordinary config) "
+         f"balances two pods; a pod = a front + `bench/upstream.py`. {args.workers} keep-alive clients "
+         f"(one aiohttp session, client retries **off**) loop `GET /sleep?ms=…&id=…` with unique ids: "
+         f"{100 * (1 - args.slow_share):.0f} % take {args.fast_ms:g} ms, {100 * args.slow_share:.0f} % "
+         f"take {args.slow_ms[0] / 1000:g}–{args.slow_ms[1] / 1000:g} s, i.e. longer than the {d} "
+         f"delay / preStop sleep. After {args.warmup:g} s, pod A is stopped while its replacement "
+         f"starts and is put into HAProxy once ready (in service after 2 good checks); then pod B; "
+         f"{args.tail:g} s later the load stops. Every front has drain delay D = {d} and grace {g}; "
+         f"a pod still running {args.grace_period:g} s into its stop is SIGKILLed (the kubelet).\n"),
+        ("**Fronts**: **sidecar** = `python -m sidecar run`, SIGTERM, `drain.delay` D, `drain.timeout` "
+         "grace, HAProxy checks its `/readyz`; **traefik** = SIGTERM, `requestAcceptGraceTimeout` D + "
+         "`graceTimeOut` grace on both entry points, checks `/ping` (`terminatingStatusCode: 503`); "
+         "**caddy** = SIGTERM, `shutdown_delay` D + `grace_period` grace, checks a site answering 503 "
+         "while `{http.shutting_down}`; **nginx** = SIGQUIT (graceful) at once, and **nginx-sleep** = "
+         "SIGQUIT after a `sleep D`. nginx has no readiness endpoint: HAProxy checks a `location` "
+         "returning 200, which fails only once SIGQUIT has closed the listener, so the check cannot "
+         "announce a stop (a TCP check would be the same); until then the pod gets full traffic. "
+         "**none** = HAProxy straight to the app, checking its `GET /fast`.\n"),
+        ("**Apps**: **graceful** = on SIGTERM the app closes its listener, finishes what is in "
+         f"progress (up to {args.app_shutdown_timeout:g} s) and exits, as aiohttp's `run_app` does; "
+         "**exit** = the app dies of SIGTERM at once (no signal handling), in-flight requests and all.\n"),
+        ("**Modes**: **front-first** = the front is signalled (nginx-sleep after its sleep) and the app "
+         "gets SIGTERM once the front has exited (none: SIGTERM to the app at once): the best case for "
+         "every front. **kubelet-parallel** = both containers are stopped in parallel, each after its "
+         "own preStop hook, as the kubelet does: sidecar: SIGTERM to the sidecar at t=0 and the app's "
+         "preStop `GET /drain` (blocks until drained), then SIGTERM to the app (the README's wiring); "
+         "traefik, caddy: SIGTERM to the front at t=0 (their own delay keeps them accepting for D, so "
+         "no sleep is added in their container) and the app's preStop `sleep D`; nginx-sleep: "
+         "`sleep D` in both containers; nginx: no hooks; none: the app's `sleep D`.\n"),
+        ("Columns: client-visible errors by kind (**reset** = connection closed or reset under the "
+         "request, **refused**, **502**, **503**, **timeout**, **other**); **LOST** = of those, the ones "
+         "that had reached an app (the id is in the app's log): work done or started, answer lost; "
+         "**dup** = ids an app received twice; **pod exit s** = from the start of a pod's stop to both "
+         "of its processes gone, pod A / pod B.\n"),
+    ]
+
+
+def errors(r: dict) -> int:
+    return r["requests"] - r["counts"]["ok"]
+
+
 def report(args: argparse.Namespace, results: list[dict], versions: dict[str, str], elapsed: float,
            cmdline: str) -> str:
     L = ["# Rolling restart behind HAProxy: the sidecar against the peers\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
-         C.machine_note(versions) + " The error counts are counts, not timings; exit times move with "
-         "the noise.\n",
-         C.versions_line(versions) + f", haproxy {versions.get('haproxy', '?')}, traefik "
-         f"{versions.get('traefik', '?')}, caddy {versions.get('caddy', '?')}\n",
-         "## Method\n",
-         f"HAProxy (1 thread, keep-alive to the fronts, `option httpchk` on each front's readiness "
-         f"endpoint every 200 ms, `fall 2 rise 2`, default retries, no redispatch) balances two pods; "
-         f"a pod = a front + `bench/upstream.py` (graceful on SIGTERM: closes its listener, finishes "
-         f"what is in progress within {args.app_shutdown_timeout:g} s, exits). {args.workers} "
-         f"keep-alive clients (one aiohttp session, client retries **off**) loop `GET /sleep?ms=…&id=…` "
-         f"with unique ids: {100 * (1 - args.slow_share):.0f} % take {args.fast_ms:g} ms, "
-         f"{100 * args.slow_share:.0f} % take {args.slow_ms[0] / 1000:g}–{args.slow_ms[1] / 1000:g} s "
-         f"(slower than the {args.delay:g} s delay / preStop sleep). After {args.warmup:g} s, pod A is "
-         f"stopped while its replacement starts and is enabled in HAProxy once ready (HAProxy "
-         f"marks it UP after 2 good checks), then pod B; {args.tail:g} s later the load stops. "
-         f"Every front has drain delay D = {args.delay:g} s and grace {args.grace:g} s; "
-         f"a pod still running {args.grace_period:g} s after its stop began is SIGKILLed.\n",
-         "Fronts: **sidecar** `python -m sidecar run`, SIGTERM, `drain.delay` D, `drain.timeout` grace, "
-         "HAProxy checks `/readyz`; **traefik** SIGTERM, `requestAcceptGraceTimeout` D + `graceTimeOut` "
-         "grace, checks `/ping` (`terminatingStatusCode: 503`); **caddy** SIGTERM, `shutdown_delay` D + "
-         "`grace_period` grace, checks a site answering 503 while `{http.shutting_down}`; **nginx** "
-         "SIGQUIT at once and **nginx-sleep** SIGQUIT after a `sleep D`: nginx has no readiness "
-         "endpoint, HAProxy checks a `location` returning 200, which only fails once SIGQUIT has closed "
-         "the listener, so the check says nothing about a pod about to stop; **none**: HAProxy straight "
-         "to the app (checks `GET /fast`).\n",
-         "Modes: **front-first**: the front is signalled (nginx-sleep after its sleep) and the app gets "
-         "SIGTERM once the front has exited (none: SIGTERM to the app at once) — the best case for every "
-         "front. **kubelet-parallel**: both containers are stopped in parallel, each after its own "
-         "preStop hook: sidecar = SIGTERM to the sidecar at t=0 + the app's preStop `GET /drain` "
-         "(blocks until drained), then SIGTERM to the app (the README's wiring); traefik, caddy = "
-         "SIGTERM to the front at t=0 (their own delay keeps accepting for D) + the app's preStop "
-         "`sleep D`; nginx-sleep = `sleep D` in both containers; nginx = no hooks; none = `sleep D`.\n",
-         "Columns: client-visible errors by kind (**reset** = connection closed or reset under the "
-         "request, **refused**, **502**, **503**, **timeout**, **other**); **LOST** = the request "
-         "reached an app (its id is in the app's log) but the client got no good answer; **dup** = ids "
-         "an app received twice; **pod exit s** = from the start of the pod's stop to both processes "
-         "gone, pod A / pod B.\n",
-         "| front | mode | requests | ok | reset | refused | 502 | 503 | timeout | other | **LOST** "
-         "| dup | pod exit s (A / B) |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+         (C.machine_note(versions) + " The error counts are counts, not timings; exit times move "
+          "with the noise."),
+         "",
+         (C.versions_line(versions) + f", haproxy {versions.get('haproxy', '?')}, traefik "
+          f"{versions.get('traefik', '?')}, caddy {versions.get('caddy', '?')}\n"),
+         *method(args),
+         "## Headline: client-visible errors (of them LOST) per rolling restart\n"]
+    modes = list(dict.fromkeys((r["mode"], r["app"]) for r in results))
+    L += ["| front | " + " | ".join(f"{m}, app {a}" for m, a in modes) + " |",
+          "|---|" + "---:|" * len(modes)]
+    for front in dict.fromkeys(r["front"] for r in results):
+        cells = []
+        for m, a in modes:
+            rows = [r for r in results if (r["front"], r["mode"], r["app"]) == (front, m, a)]
+            cells.append(" + ".join(f"{errors(r)} ({r['lost']})" for r in rows) or "—")
+        L.append(f"| {front} | " + " | ".join(cells) + " |")
+    L += ["\n## Every run\n",
+          ("| front | mode | app | requests | ok | reset | refused | 502 | 503 | timeout | other "
+           "| **LOST** | dup | pod exit s (A / B) |"),
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         c = r["counts"]
-        ex = " / ".join(fmt_s(r["rolls"].get(p, {}).get("pod_exit_s")) + (" killed" if r["rolls"].get(
-            p, {}).get("killed") else "") for p in ("a1", "b1"))
-        L.append(f"| {r['front']} | {r['mode']} | {r['requests']} | {c['ok']} | {c['reset']} | "
+        ex = " / ".join(fmt_s(r["rolls"].get(p, {}).get("pod_exit_s"))
+                        + (" killed" if r["rolls"].get(p, {}).get("killed") else "") for p in ("a1", "b1"))
+        L.append(f"| {r['front']} | {r['mode']} | {r['app']} | {r['requests']} | {c['ok']} | {c['reset']} | "
                  f"{c['refused']} | {c['502']} | {c['503']} | {c['timeout']} | {c['other']} | "
                  f"**{r['lost']}** | {r['duplicates']} | {ex} |")
-    L.append("\nDetails (every non-ok answer, by kind; \"reached the app\" = LOST), and each pod's "
-             "exits (s after its stop began):\n")
+    L.append("\nDetails (every non-ok answer by kind; \"reached the app\" = LOST) and each pod's exits "
+             "(s after its stop began):\n")
     for r in results:
         det = ", ".join(f"{k} ×{n}" for k, n in sorted(r["details"].items(), key=lambda kv: -kv[1]))
         pods = "; ".join(f"{p}: front {fmt_s(v.get('front_exit_s'))}, app {fmt_s(v.get('app_exit_s'))}"
                          + (f", {v['prestop']}" if "prestop" in v else "")
                          for p, v in r["rolls"].items())
-        L.append(f"- {r['front']} / {r['mode']} (round {r['round']}): {det or 'no errors'}; {pods}")
+        L.append(f"- {r['front']} / {r['mode']} / app {r['app']} (round {r['round']}): "
+                 f"{det or 'no errors'}; {pods}")
     L.append(f"\nRerun: `{cmdline}` (see bench/README.md).\n")
     return "\n".join(L)
 
@@ -334,6 +365,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fronts", default=",".join(FRONTS), help="comma list of: " + ", ".join(FRONTS))
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
+    ap.add_argument("--apps", default=",".join(APPS), help="comma list of: " + ", ".join(APPS)
+                    + " (what the app does on SIGTERM)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=40)
     ap.add_argument("--delay", type=float, default=1.0, help="drain delay / preStop sleep D, seconds")
@@ -352,7 +385,8 @@ def main() -> int:
     args = ap.parse_args()
     fronts = [f for f in args.fronts.split(",") if f]
     modes = [m for m in args.modes.split(",") if m]
-    if bad := (set(fronts) - set(FRONTS)) | (set(modes) - set(MODES)):
+    apps = [a for a in args.apps.split(",") if a]
+    if bad := (set(fronts) - set(FRONTS)) | (set(modes) - set(MODES)) | (set(apps) - set(APPS)):
         raise SystemExit(f"unknown front(s)/mode(s) {sorted(bad)}")
     need = {"haproxy": True, "nginx": any(f.startswith("nginx") for f in fronts),
             "traefik": "traefik" in fronts, "caddy": "caddy" in fronts}
@@ -366,10 +400,11 @@ def main() -> int:
     results, ok = [], False
     try:
         for rnd in range(1, args.rounds + 1):
-            for mode in modes:
-                for front in fronts:
-                    C.log(f"{front} / {mode}, round {rnd}")
-                    results.append(asyncio.run(scenario(front, mode, rnd, tmp, args)))
+            for app_kind in apps:
+                for mode in modes:
+                    for front in fronts:
+                        C.log(f"{front} / {mode} / app {app_kind}, round {rnd}")
+                        results.append(asyncio.run(scenario(front, mode, app_kind, rnd, tmp, args)))
         ok = True
     finally:
         if ok and not args.keep_tmp:

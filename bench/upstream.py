@@ -15,16 +15,20 @@
 Graceful on SIGTERM/SIGINT (aiohttp's run_app): the listener closes at once, idle keep-alive
 connections are closed, requests in progress run to completion (up to --shutdown-timeout, then they
 are cancelled), then the process exits 0 — what a well-behaved app does when the kubelet stops it.
+With --on-sigterm exit it dies of SIGTERM at once instead, in-flight requests and all (an app
+with no signal handling, or one run without an init that forwards signals properly).
 With --ids-file, every /sleep id is also appended to that file as it starts ("S id"), finishes
 ("F id") or is cancelled ("C id"), flushed at once, so the record survives a SIGKILL.
 
-No access log.  Usage: upstream.py --port P [--host 127.0.0.1] [--ids-file F] [--shutdown-timeout S]
+No access log.  Usage:
+  upstream.py --port P [--host 127.0.0.1] [--ids-file F] [--shutdown-timeout S] [--on-sigterm exit]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import signal
 from typing import IO
 
 from aiohttp import WSMsgType, web
@@ -109,6 +113,11 @@ async def reset(request: web.Request) -> web.Response:
     raise asyncio.CancelledError
 
 
+async def die_on_sigterm(app: web.Application) -> None:
+    """--on-sigterm exit: give SIGTERM back its default action (run_app made it graceful)."""
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({**STATS, "pid": os.getpid(), "duplicates": DUPLICATES,
                               **{f"ids_{k}": sorted(v) for k, v in IDS.items()}})
@@ -121,6 +130,7 @@ def main() -> None:
     ap.add_argument("--ids-file", help="append every /sleep id event to this file (survives SIGKILL)")
     ap.add_argument("--shutdown-timeout", type=float, default=5.0,
                     help="on SIGTERM, how long requests in progress may run before being cancelled")
+    ap.add_argument("--on-sigterm", choices=("graceful", "exit"), default="graceful")
     args = ap.parse_args()
     try:
         import uvloop
@@ -137,6 +147,8 @@ def main() -> None:
     app.router.add_get("/ws", websocket)
     app.router.add_get("/reset", reset)
     app.router.add_get("/__stats", stats)
+    if args.on_sigterm == "exit":
+        app.on_startup.append(die_on_sigterm)
     # handler_cancellation: a handler is cancelled when its client disconnects, so a proxy that
     # drops a request mid-flight shows up as "cancelled" here.
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024,
