@@ -327,7 +327,8 @@ def report(args: argparse.Namespace, results: list[dict], versions: dict[str, st
          (C.versions_line(versions) + f", haproxy {versions.get('haproxy', '?')}, traefik "
           f"{versions.get('traefik', '?')}, caddy {versions.get('caddy', '?')}\n"),
          *method(args),
-         "## Headline: client-visible errors (of them LOST) per rolling restart\n"]
+         ("## Headline: client-visible errors (of them LOST) per rolling restart of both pods, "
+          "one figure per round\n")]
     modes = list(dict.fromkeys((r["mode"], r["app"]) for r in results))
     L += ["| front | " + " | ".join(f"{m}, app {a}" for m, a in modes) + " |",
           "|---|" + "---:|" * len(modes)]
@@ -335,7 +336,7 @@ def report(args: argparse.Namespace, results: list[dict], versions: dict[str, st
         cells = []
         for m, a in modes:
             rows = [r for r in results if (r["front"], r["mode"], r["app"]) == (front, m, a)]
-            cells.append(" + ".join(f"{errors(r)} ({r['lost']})" for r in rows) or "—")
+            cells.append(" / ".join(f"{errors(r)} ({r['lost']})" for r in rows) or "—")
         L.append(f"| {front} | " + " | ".join(cells) + " |")
     L += ["\n## Every run\n",
           ("| front | mode | app | requests | ok | reset | refused | 502 | 503 | timeout | other "
