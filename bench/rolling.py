@@ -3,10 +3,10 @@
 
 HAProxy (one process, keep-alive to the fronts, health checks every 200 ms on each front's readiness
 endpoint, out after 2 failures) balances over two "pods"; a pod is a front (the proxy under test)
-plus an app process (bench/upstream.py, graceful on SIGTERM).  Under steady keep-alive load
+plus an app process (bench/upstream.py; --apps: graceful on SIGTERM, or dying of it).  Under steady keep-alive load
 (--workers clients, one shared aiohttp session, client retries OFF, unique request ids, a share
 --slow-share of requests slower than the preStop sleep), pod A is stopped while its replacement is
-started and enabled in HAProxy once ready; then the same for pod B.
+started and put into HAProxy once its readiness answers 200; then the same for pod B.
 
 Fronts (--fronts), all with the same drain delay D (--delay) and grace (--grace):
   sidecar      python -m sidecar run, SIGTERM; drain.delay D, drain.timeout grace; readiness /readyz
@@ -282,8 +282,8 @@ def method(args: argparse.Namespace) -> list[str]:
          f"{100 * (1 - args.slow_share):.0f} % take {args.fast_ms:g} ms, {100 * args.slow_share:.0f} % "
          f"take {args.slow_ms[0] / 1000:g}–{args.slow_ms[1] / 1000:g} s, i.e. longer than the {d} "
          f"delay / preStop sleep. After {args.warmup:g} s, pod A is stopped while its replacement "
-         f"starts and is put into HAProxy once ready (in service after 2 good checks); then pod B; "
-         f"{args.tail:g} s later the load stops. Every front has drain delay D = {d} and grace {g}; "
+         f"starts and is put into a spare HAProxy slot (admin socket) once its readiness answers "
+         f"200; then pod B; {args.tail:g} s later the load stops. Every front has drain delay D = {d} and grace {g}; "
          f"a pod still running {args.grace_period:g} s into its stop is SIGKILLed (the kubelet).\n"),
         ("**Fronts**: **sidecar** = `python -m sidecar run`, SIGTERM, `drain.delay` D, `drain.timeout` "
          "grace, HAProxy checks its `/readyz`; **traefik** = SIGTERM, `requestAcceptGraceTimeout` D + "
@@ -383,7 +383,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "rolling.md"))
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--report-from", metavar="RAW_JSON",
+                    help="only render the report of an earlier run (results/raw/rolling.json)")
     args = ap.parse_args()
+    if args.report_from:
+        import json
+        with open(args.report_from) as f:
+            raw = json.load(f)
+        text = report(argparse.Namespace(**raw["args"]), raw["results"], raw["versions"],
+                      raw.get("elapsed", 0.0), raw.get("cmdline", "python bench/rolling.py"))
+        C.write_results("rolling", args.out, raw, text, time.time())
+        return 0
     fronts = [f for f in args.fronts.split(",") if f]
     modes = [m for m in args.modes.split(",") if m]
     apps = [a for a in args.apps.split(",") if a]
@@ -413,9 +423,10 @@ def main() -> int:
         else:
             C.log(f"configs and logs kept in {tmp}")
     versions = {**C.versions(), **peers.versions()}
-    text = report(args, results, versions, time.time() - t_start, cmdline)
-    C.write_results("rolling", args.out, {"args": vars(args), "versions": versions, "results": results},
-                    text, t_start)
+    elapsed = time.time() - t_start
+    text = report(args, results, versions, elapsed, cmdline)
+    C.write_results("rolling", args.out, {"args": vars(args), "versions": versions, "results": results,
+                                          "elapsed": elapsed, "cmdline": cmdline}, text, t_start)
     return 0
 
 

@@ -47,7 +47,25 @@ WORKERS = {"fast": 6, "slow": 6, "download": 2, "upload": 2, "websocket": 2, "fa
 UPLOAD = b"u" * 16384
 
 
-def sample(pid: int, admin: str, label: str, t0: float) -> dict:
+def fd_census(pid: int, upstream_port: int) -> tuple[int, int]:
+    """(open fds, of them TCP connections to the upstream: its idle or busy pool), one listing."""
+    inodes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            inodes.append(os.readlink(f"/proc/{pid}/fd/{fd}").removeprefix("socket:[").rstrip("]"))
+        except OSError:
+            continue  # closed while we looked
+    to_upstream = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()  # sl local_address rem_address st ... inode (column 9)
+                if int(cols[2].rsplit(":", 1)[1], 16) == upstream_port:
+                    to_upstream.add(cols[9])
+    return len(inodes), sum(i in to_upstream for i in inodes)
+
+
+def sample(pid: int, admin: str, upstream_port: int, label: str, t0: float) -> dict:
     import json
     import urllib.request
 
@@ -55,9 +73,11 @@ def sample(pid: int, admin: str, label: str, t0: float) -> dict:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     with urllib.request.urlopen(f"{admin}/status", timeout=5) as r:
         st = json.load(r)
+    fds, pool = fd_census(pid, upstream_port)
     return {"label": label, "t": round(time.monotonic() - t0), "rss_mib": round(rss_kib / 1024, 1),
-            "fds": len(os.listdir(f"/proc/{pid}/fd")), "tasks": st["tasks"], "in_flight": st["in_flight"],
-            "connections": st["connections"], "websockets": st["websockets"]}
+            "fds": fds, "pool": pool,
+            "tasks": st["tasks"], "in_flight": st["in_flight"], "connections": st["connections"],
+            "websockets": st["websockets"]}
 
 
 async def traffic(url: str, stop: asyncio.Event, counts: Counter[str]) -> None:
@@ -120,14 +140,18 @@ async def traffic(url: str, stop: asyncio.Event, counts: Counter[str]) -> None:
     await asyncio.gather(*(worker(k) for k, n in WORKERS.items() for _ in range(n)))
 
 
-async def wait_idle(pid: int, admin: str, t0: float, label: str) -> dict:
-    """Sample once no request is in flight and no client connection is left (bounded)."""
+async def wait_idle(pid: int, admin: str, upstream_port: int, t0: float, label: str) -> dict:
+    """Sample once no request is in flight, no client connection is left and the idle upstream
+    pool has been dropped (after UPSTREAM_IDLE, 4 s), so fds compare like with like (bounded)."""
     deadline = time.monotonic() + 30
+    last = None
     while True:
-        s = await asyncio.to_thread(sample, pid, admin, label, t0)
-        if (s["in_flight"] == 0 and s["connections"] == 0) or time.monotonic() > deadline:
-            return s
-        await asyncio.sleep(0.2)
+        s = await asyncio.to_thread(sample, pid, admin, upstream_port, label, t0)
+        quiet = s["in_flight"] == 0 and s["connections"] == 0 and s["pool"] == 0
+        if (quiet and last is not None and last["fds"] == s["fds"]) or time.monotonic() > deadline:
+            return s  # quiet twice in a row, 0.5 s apart, with the same fd count
+        last = s if quiet else None
+        await asyncio.sleep(0.5)
 
 
 async def drain_with_work(url: str, admin: str, n: int) -> tuple[dict, list[int]]:
@@ -149,7 +173,7 @@ async def soak(args: argparse.Namespace, tmp: str) -> dict:
     sidecar, port, admin_port = C.start_sidecar(tmp, "soak-sidecar", up_port, SIDECAR_ENV)
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     t0 = time.monotonic()
-    samples = [await wait_idle(sidecar.pid, admin, t0, "start (idle)")]
+    samples = [await wait_idle(sidecar.pid, admin, up_port, t0, "start (idle)")]
     counts: Counter[str] = Counter()
     try:
         stop = asyncio.Event()
@@ -157,17 +181,17 @@ async def soak(args: argparse.Namespace, tmp: str) -> dict:
         await asyncio.sleep(args.warmup)
         stop.set()
         await load
-        samples.append(await wait_idle(sidecar.pid, admin, t0, "baseline (idle after warm-up)"))
+        samples.append(await wait_idle(sidecar.pid, admin, up_port, t0, "baseline (idle after warm-up)"))
         stop = asyncio.Event()
         load = asyncio.create_task(traffic(url, stop, counts))
         t_end = time.monotonic() + args.duration
         while (left := t_end - time.monotonic()) > 0:
             await asyncio.sleep(min(args.interval, left))
-            samples.append(await asyncio.to_thread(sample, sidecar.pid, admin, "under load", t0))
+            samples.append(await asyncio.to_thread(sample, sidecar.pid, admin, up_port, "under load", t0))
             C.log(f"  {samples[-1]}")
         stop.set()
         await load
-        samples.append(await wait_idle(sidecar.pid, admin, t0, "end (idle)"))
+        samples.append(await wait_idle(sidecar.pid, admin, up_port, t0, "end (idle)"))
         summary, statuses = await drain_with_work(url, admin, args.drain_requests)
         rc = await asyncio.to_thread(sidecar.p.wait, 30)
     finally:
@@ -192,8 +216,9 @@ def verdict(res: dict, max_growth: float) -> list[tuple[str, bool, str]]:
          f"{base['rss_mib']} → {end['rss_mib']} MiB ({growth:+.1f} %)"),
         ("no fd leak", end["fds"] <= base["fds"], f"{base['fds']} → {end['fds']} open fds"),
         ("no task leak", end["tasks"] <= base["tasks"], f"{base['tasks']} → {end['tasks']} asyncio tasks"),
-        ("in flight back to 0", end["in_flight"] == 0 and end["connections"] == 0,
-         f"in flight {end['in_flight']}, connections {end['connections']}"),
+        ("in flight back to 0", end["in_flight"] == 0 and end["connections"] == 0 and end["pool"] == 0,
+         (f"in flight {end['in_flight']}, client connections {end['connections']}, "
+          f"idle upstream connections {end['pool']}")),
         ("every answer as expected", not bad, ", ".join(f"{k} ×{n}" for k, n in bad.items()) or "yes"),
         ("websocket close code carried back (1000)", set(ws_codes) == {"websocket: closed 1000"},
          ", ".join(f"{k} ×{n}" for k, n in ws_codes.items()) or "no websocket closed"),
@@ -215,16 +240,18 @@ def report(args: argparse.Namespace, res: dict, checks: list, versions: dict[str
           + ", ".join(f"{k} {n}" for k, n in WORKERS.items())
           + " (see the docstring of bench/soak.py). Env: "
           + " ".join(f"`{k}={v}`" for k, v in SIDECAR_ENV.items())
-          + ". Idle samples are taken once no request is in flight and no client connection is left; "
+          + ". Idle samples are taken once no request is in flight, no client connection is left and "
+          "the sidecar has dropped its idle upstream connections (after 4 s idle); "
           "the verdict compares the final idle sample with the baseline (idle after the warm-up, when "
           "the allocator, the upstream connection pool and the interpreter's caches have settled).\n"),
          "## Verdict\n", "| check | | figures |", "|---|---|---|"]
     L += [f"| {name} | {'pass' if ok else '**FAIL**'} | {fig} |" for name, ok, fig in checks]
     L += ["\n## Samples (the sidecar process)\n",
-          "| t s | when | RSS MiB | open fds | asyncio tasks | in flight | connections | websockets |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    L += [f"| {s['t']} | {s['label']} | {s['rss_mib']} | {s['fds']} | {s['tasks']} | {s['in_flight']} | "
-          f"{s['connections']} | {s['websockets']} |" for s in res["samples"]]
+          ("| t s | when | RSS MiB | open fds | of them to the upstream | asyncio tasks | in flight "
+           "| client connections | websockets |"),
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    L += [f"| {s['t']} | {s['label']} | {s['rss_mib']} | {s['fds']} | {s['pool']} | {s['tasks']} | "
+          f"{s['in_flight']} | {s['connections']} | {s['websockets']} |" for s in res["samples"]]
     L += ["\n## Traffic (outcomes per kind, warm-up included)\n", "| kind: outcome | count |", "|---|---:|"]
     L += [f"| {k} | {n} |" for k, n in sorted(res["counts"].items())]
     L.append(f"\nRerun: `{cmdline}` (see bench/README.md).\n")
