@@ -159,15 +159,13 @@ def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
     return p, port
 
 
-def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str],
-                  wait: bool = True) -> tuple[Proc, int, int]:
+def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, int, int]:
     """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream."""
     port, admin = free_port(), free_port()
     argv = [PY, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
             "--upstream", f"http://127.0.0.1:{upstream_port}"]
     p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env=env)
-    if wait:
-        p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
+    p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
     return p, port, admin
 
 
@@ -197,14 +195,16 @@ def machine_busy_seconds() -> float:
     return (user + nice + system) / CLK_TCK
 
 
-def versions() -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001
-            return f"n/a ({type(e).__name__})"
+def first_line(argv: list[str]) -> str:
+    """The first line a program prints (its version, say), or why there is none."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001
+        return f"n/a ({type(e).__name__})"
 
+
+def versions() -> dict[str, str]:
     import aiohttp
     try:
         import uvloop

@@ -140,15 +140,6 @@ def start_haproxy(tmp: str, tag: str, check_path: str, servers: dict[str, tuple[
 
 
 def versions() -> dict[str, str]:
-    import subprocess
-
-    def first(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001
-            return f"n/a ({type(e).__name__})"
-
-    return {"haproxy": first(["haproxy", "-v"]).split(" - ")[0].replace("HAProxy version ", ""),
-            "traefik": first([binary("traefik") or "traefik", "version"]).split()[-1],
-            "caddy": first([binary("caddy") or "caddy", "version"]).split()[0]}
+    return {"haproxy": C.first_line(["haproxy", "-v"]).split(" - ")[0].replace("HAProxy version ", ""),
+            "traefik": C.first_line([binary("traefik") or "traefik", "version"]).split()[-1],
+            "caddy": C.first_line([binary("caddy") or "caddy", "version"]).split()[0]}
