@@ -1,4 +1,4 @@
-"""Helpers shared by bench/throughput.py, bench/drain.py and bench/timeline.py.
+"""Helpers shared by the scripts in bench/ (throughput, drain, rolling, soak).
 
 Adapted from our team's yardstick kit (shared/bench/benchlib.py), trimmed to what the
 project's benchmarks need, so bench/ has no run-time dependency outside the project.
@@ -56,7 +56,7 @@ class Proc:
 
     def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None):
         self.name, self.argv, self.log_path = name, argv, log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - held for the process's lifetime
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         # SIDECAR_* from the caller's shell would silently change what is measured: drop them.
         base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -124,9 +124,21 @@ def sigterm_unwinds() -> None:
 
 # --- the servers -----------------------------------------------------------------------------
 
-def start_upstream(tmp: str, tag: str) -> tuple[Proc, int]:
+def render(template: str, out: str, values: dict[str, object]) -> str:
+    """Copy bench/TEMPLATE to OUT with every {{KEY}} replaced; returns OUT."""
+    with open(os.path.join(BENCH, template)) as f:
+        text = f.read()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    with open(out, "w") as f:
+        f.write(text)
+    return out
+
+
+def start_upstream(tmp: str, tag: str, extra: list[str] | None = None) -> tuple[Proc, int]:
+    """bench/upstream.py on a free port; `extra` are more of its flags (--ids-file, ...)."""
     port = free_port()
-    p = Proc("upstream", [PY, os.path.join(BENCH, "upstream.py"), "--port", str(port)],
+    p = Proc("upstream", [PY, os.path.join(BENCH, "upstream.py"), "--port", str(port), *(extra or [])],
              os.path.join(tmp, f"{tag}-upstream.log"))
     p.wait_ready(f"http://127.0.0.1:{port}/fast")
     return p, port
@@ -137,16 +149,10 @@ def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
     port = free_port()
     prefix = os.path.join(tmp, f"{tag}-nginx")
     os.makedirs(prefix, exist_ok=True)
-    with open(os.path.join(BENCH, "nginx.conf.tmpl")) as f:
-        text = f.read()
     # As root, nginx would drop its worker to `nobody`; keep it as the current user instead.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-    for key, value in {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port,
-                       "UPSTREAM_PORT": upstream_port}.items():
-        text = text.replace("{{" + key + "}}", str(value))
-    conf = os.path.join(prefix, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(text)
+    conf = render("nginx.conf.tmpl", os.path.join(prefix, "nginx.conf"),
+                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port})
     argv = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "error.log")]
     p = Proc("nginx", argv, os.path.join(tmp, f"{tag}-nginx.log"))
     p.wait_ready(f"http://127.0.0.1:{port}/fast")
@@ -230,14 +236,16 @@ def sidecar_states(log_path: str) -> list[tuple[float, str]]:
     return out
 
 
-def versions() -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001
-            return f"n/a ({type(e).__name__})"
+def first_line(argv: list[str]) -> str:
+    """The first line a program prints (its version, say), or why there is none."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001
+        return f"n/a ({type(e).__name__})"
 
+
+def versions() -> dict[str, str]:
     import aiohttp
     try:
         import uvloop

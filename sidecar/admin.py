@@ -7,6 +7,7 @@ and admin traffic never shows up in the request metrics.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import os
@@ -106,6 +107,7 @@ class Admin:
                 "last_error": self._health.last_error,
             },
             "pid": os.getpid(),
+            "tasks": len(asyncio.all_tasks()),
             "uptime_seconds": round(time.time() - self._started, 3),
         }
         return web.json_response(body)

@@ -269,6 +269,7 @@ async def test_in_flight_and_connection_counts_are_exact(proxied, client, upstre
     async with client.get(proxied.admin + "/status") as resp:
         status = await resp.json()
     assert status["in_flight"] == 1 and status["connections"] >= 1
+    assert status["tasks"] >= 1  # the asyncio task count the soak bench watches for leaks
     assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 1
     async with client.get(upstream_url(upstream) + "/__go?key=f1"):
         pass
