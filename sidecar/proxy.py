@@ -20,6 +20,7 @@ from yarl import URL
 from .config import Config
 from .drain import Drain, Flight
 from .headers import request_headers, response_headers
+from .listener import ClientServer
 from .log import access_logger
 from .metrics import Metrics
 from .responses import ProxyResponse, rejection, upstream_error, upstream_error_kind
@@ -71,8 +72,10 @@ class Proxy:
         self._listener: asyncio.AbstractServer | None = None
         self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
-        self.web_server = web.Server(
-            self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
+        self.web_server = ClientServer(
+            self.handle, handler_cancellation=True, access_log=None,
+            header_timeout=config.client.header_timeout,
+            keepalive_timeout=config.client.idle_timeout,
         )
 
     # --- lifecycle -----------------------------------------------------------------------------

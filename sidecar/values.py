@@ -51,12 +51,17 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> float:
+    seconds: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is not None:
+        if not math.isfinite(seconds):  # .inf, .nan, or more digits than a float holds
+            raise ValueError(f"must be a finite duration, got {value!r}")
+        return seconds
     raise ValueError(f"expected a duration like 250ms, 5s, 2m or a number of seconds, got {value!r}")
 
 
