@@ -114,7 +114,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
     "": {
         "listen": (v.parse_address, "0.0.0.0:8080"),
         "admin": (v.parse_address, "0.0.0.0:9901"),
-        "admin_token": (v.parse_optional(v.parse_text), None),
+        "admin_token": (v.parse_optional(v.parse_secret), None),
     },
     "upstream": {
         "url": (v.parse_upstream_url, "http://127.0.0.1:8000"),

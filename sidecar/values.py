@@ -29,6 +29,7 @@ __all__ = (
     "parse_positive_duration",
     "parse_regex",
     "parse_seconds",
+    "parse_secret",
     "parse_signal",
     "parse_text",
     "parse_upstream_url",
@@ -150,6 +151,13 @@ def parse_text(value: Any) -> str:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ValueError(f"expected a string, got {value!r}")
+
+
+def parse_secret(value: Any) -> str:
+    """Like parse_text, but a rejected value is never echoed: it may be a secret."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a string, got a {type(value).__name__} (value not shown)")
 
 
 def parse_path(value: Any) -> str:
