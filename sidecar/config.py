@@ -193,6 +193,11 @@ def load(
             raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"config file {path}: not valid YAML: {exc}"]) from None
+        except UnicodeDecodeError as exc:
+            problem = f"config file {path}: not UTF-8 text: {exc.reason} at byte {exc.start}"
+            raise ConfigError([problem]) from None
+        except RecursionError:
+            raise ConfigError([f"config file {path}: nested too deeply"]) from None
         sources.merge_file(raw, data, f"config file {path}", problems, SCHEMA)
     sources.merge_env(raw, origins, env or {}, problems, SCHEMA)
     flag_keys = {"listen": ("", "listen"), "admin": ("", "admin"), "upstream": ("upstream", "url")}

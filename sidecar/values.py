@@ -12,6 +12,7 @@ import signal
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 __all__ = (
@@ -74,11 +75,13 @@ def parse_positive_duration(value: Any) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """The shortest text that parses back: ``250ms``, ``5s``, ``1000000s`` (never ``1e+06s``)."""
     if seconds == 0:
         return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000, 3):g}ms"
-    return f"{round(seconds, 3):g}s"
+    value, unit = (seconds * 1000, "ms") if seconds < 1 else (seconds, "s")
+    shown = round(value, 3) or value  # a tiny non-zero value must not print as 0
+    text = format(Decimal(repr(shown)), "f")
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + unit
 
 
 def parse_address(value: Any) -> Address:
@@ -198,6 +201,8 @@ def parse_regex(value: Any) -> str:
         re.compile(text)
     except re.error as exc:
         raise ValueError(f"is not a valid regular expression: {exc}") from None
+    except (RecursionError, OverflowError, MemoryError):
+        raise ValueError("is a regular expression too large or nested too deeply") from None
     return text
 
 
