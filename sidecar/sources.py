@@ -7,12 +7,15 @@ parsed; a key that is not in the schema is a problem with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = ("dotted", "merge_env", "merge_file")
 
 Raw = dict[str, dict[str, Any]]
+# What Kubernetes injects for each Service in the namespace: NAME_SERVICE_HOST, NAME_PORT_80_TCP...
+_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
 
 
 def dotted(section: str, key: str) -> str:
@@ -81,7 +84,8 @@ def merge_env(
             else:
                 raw[section][key] = value
             origins[dotted(section, key.split(".")[0])] = name
-        elif name.startswith(sections):
+        elif name.startswith(sections) and not _SERVICE_LINK.search(name):
             # Only names inside a known section are typos; others, such as the
-            # SIDECAR_SERVICE_HOST that Kubernetes service links inject, are not ours.
+            # SIDECAR_SERVICE_HOST that Kubernetes service links inject (also for a
+            # Service named sidecar-client: SIDECAR_CLIENT_SERVICE_HOST), are not ours.
             problems.append(f"{name}: unknown setting{_suggest(name, list(known))}")

@@ -277,3 +277,19 @@ async def test_client_whose_body_stalls_gets_408_not_a_gateway_timeout(start_sid
     writer.close()
     assert app_ids(upstream) == []
     assert head.split()[1] == b"408", head
+
+
+def test_client_timeouts_come_from_env_and_bad_values_name_the_key() -> None:
+    from sidecar.config import ConfigError, load
+
+    config = load(None, env={"SIDECAR_CLIENT_HEADER_TIMEOUT": "250ms", "SIDECAR_CLIENT_IDLE_TIMEOUT": "2m"})
+    assert (config.client.header_timeout, config.client.idle_timeout) == (0.25, 120.0)
+    assert (load(None).client.header_timeout, load(None).client.idle_timeout) == (10.0, 75.0)
+    for env, key in (({"SIDECAR_CLIENT_HEADER_TIMEOUT": "0"}, "client.header_timeout"),
+                     ({"SIDECAR_CLIENT_IDLE_TIMEOUT": "soon"}, "client.idle_timeout"),
+                     ({"SIDECAR_CLIENT_IDEL_TIMEOUT": "5s"}, "SIDECAR_CLIENT_IDEL_TIMEOUT")):
+        with pytest.raises(ConfigError) as info:
+            load(None, env=env)
+        assert info.value.problems[0].startswith(key), info.value.problems
+    # A Service named sidecar-client makes Kubernetes inject these: not settings, not errors.
+    load(None, env={"SIDECAR_CLIENT_SERVICE_HOST": "10.0.0.1", "SIDECAR_CLIENT_PORT_80_TCP": "tcp://x:80"})
