@@ -160,7 +160,7 @@ async def test_http_1_0_with_keep_alive_serves_two_requests_on_one_connection(si
 async def test_http_0_9_request_is_closed_without_reaching_the_app(start_sidecar, upstream) -> None:
     """An HTTP/0.9 request line never becomes a complete HTTP/1 head: the header timeout
     closes it (idle timeout set far longer, so it is the header timeout that acts)."""
-    sidecar = await start_sidecar({"client": {"header_timeout": "300ms", "idle_timeout": "60s"}},
+    sidecar = await start_sidecar({"client": {"header_timeout": "500ms", "idle_timeout": "60s"}},
                                   upstream=upstream_url(upstream))
     reader, writer = await raw_request(sidecar.port, b"GET /headers?id=h09\r\n")
     data = await read_all(reader)
@@ -196,7 +196,7 @@ async def test_pipeline_with_a_malformed_request_in_the_middle(sidecar, upstream
 async def test_slowloris_is_cut_at_header_timeout_with_408(start_sidecar, upstream) -> None:
     """A client trickling its head never holds a connection longer than client.header_timeout
     (idle timeout set far longer, so it is the header timeout that acts)."""
-    sidecar = await start_sidecar({"client": {"header_timeout": "300ms", "idle_timeout": "60s"}},
+    sidecar = await start_sidecar({"client": {"header_timeout": "500ms", "idle_timeout": "60s"}},
                                   upstream=upstream_url(upstream))
     reader, writer = await raw_request(sidecar.port, b"GET /headers?id=slow HTTP/1.1\r\nHost: x\r\n")
 
@@ -220,7 +220,7 @@ async def test_slowloris_is_cut_at_header_timeout_with_408(start_sidecar, upstre
 
 
 async def test_silent_connection_is_closed_quietly_at_header_timeout(start_sidecar, upstream) -> None:
-    sidecar = await start_sidecar({"client": {"header_timeout": "300ms", "idle_timeout": "60s"}},
+    sidecar = await start_sidecar({"client": {"header_timeout": "500ms", "idle_timeout": "60s"}},
                                   upstream=upstream_url(upstream))
     reader, writer = await raw_request(sidecar.port, b"")
     assert await read_all(reader, timeout=30) == b""  # closed, and not a byte was sent
@@ -229,7 +229,7 @@ async def test_silent_connection_is_closed_quietly_at_header_timeout(start_sidec
 
 
 async def test_idle_keep_alive_connection_is_closed_at_idle_timeout(start_sidecar, upstream) -> None:
-    sidecar = await start_sidecar({"client": {"header_timeout": "60s", "idle_timeout": "300ms"}},
+    sidecar = await start_sidecar({"client": {"header_timeout": "60s", "idle_timeout": "500ms"}},
                                   upstream=upstream_url(upstream))
     reader, writer = await raw_request(sidecar.port, b"GET /headers?id=i1 HTTP/1.1\r\nHost: x\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -244,7 +244,7 @@ async def test_idle_keep_alive_connection_is_closed_at_idle_timeout(start_sideca
 async def test_kept_alive_connection_outlives_header_timeout_while_idle(start_sidecar, upstream) -> None:
     """Between requests the idle timeout applies, not the header timeout: a kept-alive
     connection idle for longer than header_timeout still carries the next request."""
-    sidecar = await start_sidecar({"client": {"header_timeout": "300ms", "idle_timeout": "60s"}},
+    sidecar = await start_sidecar({"client": {"header_timeout": "500ms", "idle_timeout": "60s"}},
                                   upstream=upstream_url(upstream))
     request = b"GET /headers?id=%s HTTP/1.1\r\nHost: x\r\n\r\n"
     reader, writer = await raw_request(sidecar.port, request % b"k1")
