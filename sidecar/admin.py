@@ -42,7 +42,7 @@ class Admin:
         self._health = health
         self._connections = connections
         self._websockets = websockets
-        self._token = config.admin_token.encode() if config.admin_token else None
+        self._token = _bytes(config.admin_token) if config.admin_token else None
         self._started = time.time()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -128,7 +128,12 @@ class Admin:
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         assert self._token is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
+        # Constant time, and on bytes: a header that is not valid UTF-8 is a wrong token, not a 500.
+        return scheme.lower() == "bearer" and hmac.compare_digest(_bytes(given.strip()), self._token)
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _summary(drain: Drain) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from .values import Address, format_duration
 
 __all__ = (
     "Address",
+    "ClientConfig",
     "Config",
     "ConfigError",
     "DrainConfig",
@@ -55,6 +56,12 @@ class UpstreamConfig:
     @property
     def unix_path(self) -> str | None:
         return self.url[len("unix:"):] if self.url.startswith("unix:") else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    header_timeout: float
+    idle_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,7 @@ class Config:
     admin: Address
     admin_token: str | None
     upstream: UpstreamConfig
+    client: ClientConfig
     drain: DrainConfig
     exit: ExitConfig
     logging: LoggingConfig
@@ -107,7 +115,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
     "": {
         "listen": (v.parse_address, "0.0.0.0:8080"),
         "admin": (v.parse_address, "0.0.0.0:9901"),
-        "admin_token": (v.parse_optional(v.parse_text), None),
+        "admin_token": (v.parse_optional(v.parse_secret), None),
     },
     "upstream": {
         "url": (v.parse_upstream_url, "http://127.0.0.1:8000"),
@@ -116,6 +124,10 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
         "max_connections": (v.parse_integer(0, 1_000_000), 512),
         "health_path": (v.parse_optional(v.parse_path), None),
         "health_interval": (v.parse_positive_duration, "2s"),
+    },
+    "client": {
+        "header_timeout": (v.parse_positive_duration, "10s"),
+        "idle_timeout": (v.parse_positive_duration, "75s"),
     },
     "drain": {
         "delay": (v.parse_duration, "5s"),
@@ -183,6 +195,11 @@ def load(
             raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"config file {path}: not valid YAML: {exc}"]) from None
+        except UnicodeDecodeError as exc:
+            problem = f"config file {path}: not UTF-8 text: {exc.reason} at byte {exc.start}"
+            raise ConfigError([problem]) from None
+        except RecursionError:
+            raise ConfigError([f"config file {path}: nested too deeply"]) from None
         sources.merge_file(raw, data, f"config file {path}", problems, SCHEMA)
     sources.merge_env(raw, origins, env or {}, problems, SCHEMA)
     flag_keys = {"listen": ("", "listen"), "admin": ("", "admin"), "upstream": ("upstream", "url")}
@@ -214,6 +231,7 @@ def load(
         admin=values[""]["admin"],
         admin_token=values[""]["admin_token"],
         upstream=UpstreamConfig(**values["upstream"]),
+        client=ClientConfig(**values["client"]),
         drain=DrainConfig(**values["drain"]),
         exit=ExitConfig(**values["exit"]),
         logging=LoggingConfig(**values["logging"]),
@@ -239,7 +257,7 @@ def _check_together(values: dict[str, dict[str, Any]], problems: list[str]) -> N
 
 def to_yaml(config: Config) -> str:
     """The effective config as YAML that is itself a valid config file (token redacted)."""
-    u, d, e, lg = config.upstream, config.drain, config.exit, config.logging
+    u, c, d, e, lg = config.upstream, config.client, config.drain, config.exit, config.logging
     data: dict[str, Any] = {
         "listen": str(config.listen),
         "admin": str(config.admin),
@@ -251,6 +269,10 @@ def to_yaml(config: Config) -> str:
             "max_connections": u.max_connections,
             "health_path": u.health_path,
             "health_interval": format_duration(u.health_interval),
+        },
+        "client": {
+            "header_timeout": format_duration(c.header_timeout),
+            "idle_timeout": format_duration(c.idle_timeout),
         },
         "drain": {
             "delay": format_duration(d.delay),

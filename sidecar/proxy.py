@@ -26,6 +26,7 @@ from .connections import Connections
 from .drain import Drain, Flight
 from .exchange import Exchange, request_head
 from .headers import request_headers, response_headers
+from .listener import ClientServer
 from .log import access_logger
 from .metrics import Metrics
 from .pool import Pool
@@ -80,8 +81,10 @@ class Proxy:
         self._listener: asyncio.AbstractServer | None = None
         self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
-        self.web_server = web.Server(
-            self.handle, handler_cancellation=True, access_log=None, keepalive_timeout=75.0
+        self.web_server = ClientServer(
+            self.handle, handler_cancellation=True, access_log=None,
+            header_timeout=config.client.header_timeout,
+            keepalive_timeout=config.client.idle_timeout,
         )
         self._connections = Connections(self.web_server, in_flight=self._in_flight)
 

@@ -90,5 +90,6 @@ def merge_env(
             origins[dotted(section, key.split(".")[0])] = name
         elif name.startswith(sections) and not _SERVICE_LINK.match(name):
             # Only names inside a known section are typos; others, such as the
-            # SIDECAR_SERVICE_HOST that Kubernetes service links inject, are not ours.
+            # SIDECAR_SERVICE_HOST that Kubernetes service links inject (also for a
+            # Service named sidecar-client: SIDECAR_CLIENT_SERVICE_HOST), are not ours.
             problems.append(f"{name}: unknown setting{_suggest(name, list(known))}")

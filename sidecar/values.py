@@ -12,6 +12,7 @@ import signal
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 __all__ = (
@@ -29,6 +30,7 @@ __all__ = (
     "parse_positive_duration",
     "parse_regex",
     "parse_seconds",
+    "parse_secret",
     "parse_signal",
     "parse_text",
     "parse_upstream_url",
@@ -50,12 +52,17 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> float:
+    seconds: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is not None:
+        if not math.isfinite(seconds):  # .inf, .nan, or more digits than a float holds
+            raise ValueError(f"must be a finite duration, got {value!r}")
+        return seconds
     if isinstance(value, str) and _DURATION.match(value.strip().removeprefix("-")):
         raise ValueError(f"must not be negative, got {value!r}")
     raise ValueError(f"expected a duration like 250ms, 5s, 2m or a number of seconds, got {value!r}")
@@ -69,11 +76,13 @@ def parse_positive_duration(value: Any) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """The shortest text that parses back: ``250ms``, ``5s``, ``1000000s`` (never ``1e+06s``)."""
     if seconds == 0:
         return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000, 3):g}ms"
-    return f"{round(seconds, 3):g}s"
+    value, unit = (seconds * 1000, "ms") if seconds < 1 else (seconds, "s")
+    shown = round(value, 3) or value  # a tiny non-zero value must not print as 0
+    text = format(Decimal(repr(shown)), "f")
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + unit
 
 
 def parse_address(value: Any) -> Address:
@@ -148,6 +157,13 @@ def parse_text(value: Any) -> str:
     raise ValueError(f"expected a string, got {value!r}")
 
 
+def parse_secret(value: Any) -> str:
+    """Like parse_text, but a rejected value is never echoed: it may be a secret."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a string, got a {type(value).__name__} (value not shown)")
+
+
 def parse_path(value: Any) -> str:
     text = parse_text(value)
     if not text.startswith("/"):
@@ -186,6 +202,8 @@ def parse_regex(value: Any) -> str:
         re.compile(text)
     except re.error as exc:
         raise ValueError(f"is not a valid regular expression: {exc}") from None
+    except (RecursionError, OverflowError, MemoryError):
+        raise ValueError("is a regular expression too large or nested too deeply") from None
     return text
 
 
