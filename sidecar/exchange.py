@@ -7,6 +7,11 @@ task, with flow control both ways (the client's side is aiohttp's
 awaited: an app may answer before it has read the whole body.  A body without a
 Content-Length (the client sent it chunked) is sent chunked.
 
+The head waits for the first body byte: a client that announces a body and sends
+none never reaches the app.  When ``upstream.timeout`` fires while the exchange is
+waiting for the *client's* body (not for the app to read it), the failure is of
+kind ``client_timeout``: the client is the slow party and gets 408, not a 504.
+
 ``relay()`` streams the answer into the client's response.  ``close()`` must
 follow every exchange: the connection goes back to the pool
 only after a complete response with the whole request sent; in every other case
@@ -51,7 +56,7 @@ def request_head(
 class Exchange:
     """``send()`` one request, ``relay()`` its response, and always ``close()``."""
 
-    __slots__ = ("_expired", "_pool", "_sender", "_timeout", "_timer", "conn")
+    __slots__ = ("_awaiting_client", "_expired", "_pool", "_sender", "_timeout", "_timer", "conn")
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -60,6 +65,7 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
         self._expired = False
+        self._awaiting_client = False  # blocked on the client's request body
 
     async def send(
         self, head: bytes, body: StreamReader | None, *, chunked: bool, head_only: bool,
@@ -74,7 +80,14 @@ class Exchange:
         if timeout is not None:
             self._timeout = timeout
             self._timer = task.get_loop().call_later(timeout, self._expire, task)
+        data = b""
         try:
+            if body is not None:
+                data = body.read_nowait()
+                if not data and not body.at_eof():  # the head waits for the body to start
+                    self._awaiting_client = True
+                    data = await body.readany()
+                    self._awaiting_client = False
             conn = self.conn = await self._pool.acquire()
         except asyncio.CancelledError:
             if self._expired and task.uncancel() == 0:
@@ -83,13 +96,11 @@ class Exchange:
         conn.begin(head_only=head_only)
         if body is None:
             conn.write(head)
+        elif body.at_eof():  # all here already: one write
+            conn.write(head + _frame(data, chunked) + (b"0\r\n\r\n" if chunked else b""))
         else:
-            data = body.read_nowait()
-            if body.at_eof():  # all here already: one write
-                conn.write(head + _frame(data, chunked) + (b"0\r\n\r\n" if chunked else b""))
-            else:
-                conn.write(head + _frame(data, chunked))
-                self._sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+            conn.write(head + _frame(data, chunked))
+            self._sender = asyncio.ensure_future(self._send_body(conn, body, chunked))
         await conn.response_head()
         return conn
 
@@ -127,7 +138,6 @@ class Exchange:
             sender.cancel()
         self._pool.release(conn, reuse=sent and conn.at_eof)
 
-
     def _expire(self, task: asyncio.Task[Any]) -> None:
         self._timer = None
         if self.conn is not None:
@@ -137,23 +147,30 @@ class Exchange:
             task.cancel()
 
     def _timeout_error(self) -> UpstreamError:
+        if self._awaiting_client:
+            return UpstreamError("client_timeout",
+                                 f"the client sent no more of its request within {self._timeout:g}s")
         return UpstreamError("timeout", f"no complete answer within {self._timeout:g}s")
+
+    async def _send_body(self, conn: Connection, body: StreamReader, chunked: bool) -> None:
+        try:
+            while True:
+                self._awaiting_client = True
+                data = await body.readany()
+                self._awaiting_client = False
+                if not data:
+                    break
+                conn.write(_frame(data, chunked))
+                await conn.drain()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+        except UpstreamError:
+            pass  # the connection failed: the reader of the response raises it
+        except Exception as exc:  # noqa: BLE001 - the client's body broke off: the exchange ends
+            conn.fail(UpstreamError("reset", f"request body not received in full: {exc}"))
 
 
 def _frame(data: bytes, chunked: bool) -> bytes:
     if not chunked or not data:
         return data
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
-    try:
-        while data := await body.readany():
-            conn.write(_frame(data, chunked))
-            await conn.drain()
-        if chunked:
-            conn.write(b"0\r\n\r\n")
-    except UpstreamError:
-        pass  # the connection failed: the reader of the response raises it
-    except Exception as exc:  # noqa: BLE001 - the client's body broke off: the exchange ends
-        conn.fail(UpstreamError("reset", f"request body not received in full: {exc}"))

@@ -30,7 +30,14 @@ from .listener import ClientServer
 from .log import access_logger
 from .metrics import Metrics
 from .pool import Pool
-from .responses import ProxyResponse, describe_error, rejection, upstream_error, upstream_error_kind
+from .responses import (
+    ProxyResponse,
+    describe_error,
+    rejection,
+    request_timeout,
+    upstream_error,
+    upstream_error_kind,
+)
 from .upstream import base_url, connector, host_header, upstream_pool
 from .websocket import relay_websocket
 
@@ -231,6 +238,12 @@ class Proxy:
             await exchange.relay(request, resp)
             return resp, up.status
         except UpstreamError as exc:
+            if exc.kind == "client_timeout":  # the client, not the app, is the slow party
+                logger.info("client timeout", extra={"fields": {"error": str(exc)}})
+                if resp is not None and resp.prepared:
+                    _cut(request)
+                    return resp, resp.status
+                return request_timeout(), 408
             if resp is None or not resp.prepared:
                 error = self._error_response(exc)
                 return error, error.status

@@ -9,7 +9,10 @@ from aiohttp import web
 
 from .connection import UpstreamError
 
-__all__ = ("ProxyResponse", "describe_error", "rejection", "upstream_error", "upstream_error_kind")
+__all__ = (
+    "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
+    "upstream_error_kind",
+)
 
 
 class ProxyResponse(web.StreamResponse):
@@ -73,6 +76,13 @@ _UPSTREAM_ERRORS = {
     "timeout": (504, "504 upstream timed out\n"),
     "reset": (502, "502 upstream closed the connection\n"),
 }
+
+
+def request_timeout() -> web.Response:
+    """408 for a client whose request body stopped arriving; the connection ends with it."""
+    resp = web.Response(status=408, text="408 the request body did not arrive in time\n")
+    resp.force_close()
+    return resp
 
 
 def upstream_error(kind: str) -> web.Response:

@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT, UPSTREAM_APP, free_port
 
-KNOWN_STALL_504 = 504
 SOCKET_TIMEOUT = 30.0  # per example; the sidecar's own timeouts end every exchange long before
 
 
@@ -200,10 +199,7 @@ def test_fuzzed_requests_never_get_a_sidecar_5xx_or_an_error(target: Target, dat
     codes = statuses(exchange(target.port, data))
     reached_app = target.app_requests() > before
     if not reached_app:
-        # Known exception, pinned by test_hostile.py::
-        # test_client_whose_body_stalls_gets_408_not_a_gateway_timeout (xfail): a head that
-        # promises a body which never comes times out as a 504 (upstream.timeout) today.
-        assert all(code < 500 or code == KNOWN_STALL_504 for code in codes), (codes, data)
+        assert all(code < 500 for code in codes), (codes, data)
 
 
 def test_after_the_fuzz_the_sidecar_is_clean_and_serving(target: Target) -> None:

@@ -262,14 +262,10 @@ async def test_kept_alive_connection_outlives_header_timeout_while_idle(start_si
     assert app_ids(upstream) == ["k1", "k2"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: the sidecar answers 504 and counts an upstream timeout; the fix belongs in "
-    "Proxy._forward (owned by the upstream-leg rewrite): answer 408 when upstream.timeout "
-    "fires while the client's body is still incomplete"))
 async def test_client_whose_body_stalls_gets_408_not_a_gateway_timeout(start_sidecar, upstream) -> None:
     """A client that sends a head promising a body and then stalls is the slow party: it gets
     408, not a 504 that blames (and alerts on) the app, which never saw the request (aiohttp's
-    client holds the upstream head until the first body byte)."""
+    sidecar holds the upstream head until the first body byte)."""
     sidecar = await start_sidecar({"upstream": {"timeout": "300ms"}}, upstream=upstream_url(upstream))
     reader, writer = await raw_request(
         sidecar.port, b"POST /headers?id=stall HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
@@ -277,6 +273,21 @@ async def test_client_whose_body_stalls_gets_408_not_a_gateway_timeout(start_sid
     writer.close()
     assert app_ids(upstream) == []
     assert head.split()[1] == b"408", head
+
+
+async def test_client_whose_body_stalls_midway_gets_408_and_the_app_is_not_blamed(
+        start_sidecar, upstream) -> None:
+    """Half a body, then silence: 408 for the client, the app sees the request end (its
+    connection is closed), and no upstream timeout is counted against the app."""
+    sidecar = await start_sidecar({"upstream": {"timeout": "300ms"}}, upstream=upstream_url(upstream))
+    reader, writer = await raw_request(
+        sidecar.port, b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    writer.close()
+    assert head.split()[1] == b"408", head
+    assert await metric(sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 0
+    assert await metric(sidecar.admin, 'sidecar_requests_total{code="408",method="POST"}') == 1
+    await assert_still_serving(sidecar, upstream)
 
 
 def test_client_timeouts_come_from_env_and_bad_values_name_the_key() -> None:
