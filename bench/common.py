@@ -1,4 +1,4 @@
-"""Helpers shared by bench/throughput.py and bench/drain.py.
+"""Helpers shared by bench/throughput.py, bench/scale.py and bench/drain.py.
 
 Adapted from our team's yardstick kit (shared/bench/benchlib.py), trimmed to what the
 project's benchmarks need, so bench/ has no run-time dependency outside the project.
@@ -56,7 +56,7 @@ class Proc:
 
     def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None):
         self.name, self.argv, self.log_path = name, argv, log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - open as long as the process runs
         # SIDECAR_* from the caller's shell would silently change what is measured: drop them.
         base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -137,37 +137,82 @@ def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
     port = free_port()
     prefix = os.path.join(tmp, f"{tag}-nginx")
     os.makedirs(prefix, exist_ok=True)
-    with open(os.path.join(BENCH, "nginx.conf.tmpl")) as f:
-        text = f.read()
     # As root, nginx would drop its worker to `nobody`; keep it as the current user instead.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-    for key, value in {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port,
-                       "UPSTREAM_PORT": upstream_port}.items():
-        text = text.replace("{{" + key + "}}", str(value))
-    conf = os.path.join(prefix, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(text)
+    conf = render("nginx.conf.tmpl", os.path.join(prefix, "nginx.conf"),
+                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port})
     argv = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "error.log")]
     p = Proc("nginx", argv, os.path.join(tmp, f"{tag}-nginx.log"))
     p.wait_ready(f"http://127.0.0.1:{port}/fast")
     return p, port
 
 
+def render(template: str, dest: str, values: dict[str, object]) -> str:
+    """bench/TEMPLATE with every {{KEY}} replaced, written to `dest`; returns `dest`."""
+    with open(os.path.join(BENCH, template)) as f:
+        text = f.read()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    with open(dest, "w") as f:
+        f.write(text)
+    return dest
+
+
+# Which checkout of the sidecar is measured: select_sidecar() (from --sidecar-root/--sidecar-python).
+SIDECAR = {"root": os.path.dirname(BENCH), "python": PY}
+
+
+def add_sidecar_args(ap) -> None:
+    ap.add_argument("--sidecar-root", default=None, metavar="PATH",
+                    help="checkout of the sidecar to measure (default: this repository); its "
+                         "PATH/.venv/bin/python is used when it exists, else this python")
+    ap.add_argument("--sidecar-python", default=None, metavar="PYTHON",
+                    help="python that runs the sidecar (needs its dependencies installed)")
+
+
+def select_sidecar(root: str | None, python: str | None) -> None:
+    """Run `python -m sidecar` from ROOT (PYTHONPATH=ROOT wins over any installed copy)."""
+    if root is not None:
+        root = os.path.abspath(root)
+        if not os.path.isfile(os.path.join(root, "sidecar", "__main__.py")):
+            raise SystemExit(f"--sidecar-root {root}: no sidecar/__main__.py there")
+        SIDECAR["root"] = root
+        venv_py = os.path.join(root, ".venv", "bin", "python")
+        SIDECAR["python"] = venv_py if python is None and os.access(venv_py, os.X_OK) else PY
+    if python is not None:
+        SIDECAR["python"] = python
+
+
+def sidecar_revision() -> str:
+    """`git describe` of the measured checkout (+ "dirty" when it has uncommitted changes)."""
+    try:
+        r = subprocess.run(["git", "-C", SIDECAR["root"], "describe", "--always", "--dirty"],
+                           check=False, capture_output=True, text=True, timeout=10)
+        rev = r.stdout.strip() or "?"
+        br = subprocess.run(["git", "-C", SIDECAR["root"], "rev-parse", "--abbrev-ref", "HEAD"],
+                            check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "?"
+    return f"{br} {rev}" if br else rev
+
+
 def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, int, int]:
-    """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream."""
+    """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream.
+
+    The code comes from SIDECAR["root"] (see select_sidecar)."""
     port, admin = free_port(), free_port()
-    argv = [PY, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{upstream_port}"]
-    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env=env)
+    argv = [SIDECAR["python"], "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
+            "--admin", f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env={"PYTHONPATH": SIDECAR["root"], **env})
     p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
     return p, port, admin
 
 
 # --- measuring -------------------------------------------------------------------------------
 
-def group_cpu_seconds(pgid: int) -> float:
-    """user+sys CPU seconds of every live process in process group `pgid` (/proc/PID/stat)."""
-    ticks = 0
+def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields from field 3 on) of every live process in group `pgid`."""
+    out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -178,8 +223,39 @@ def group_cpu_seconds(pgid: int) -> float:
             continue
         fields = st[st.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
         if int(fields[2]) == pgid:                # field 5: pgrp
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / CLK_TCK
+            out.append((int(d), fields))
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+sys CPU seconds of every live process in process group `pgid` (/proc/PID/stat): all
+    of a server's processes (nginx/HAProxy master + worker; a Go server's threads are in its one
+    process)."""
+    return sum(int(f[11]) + int(f[12]) for _pid, f in _group_stats(pgid)) / CLK_TCK  # utime, stime
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory (VmRSS) of every process in the group, summed, in MiB.  For nginx and
+    HAProxy (master + worker) the sum counts their shared pages twice: an upper bound."""
+    kb = 0
+    for pid, _fields in _group_stats(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                kb += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return kb / 1024
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `want` (children inherit it); returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def machine_busy_seconds() -> float:
@@ -189,47 +265,64 @@ def machine_busy_seconds() -> float:
     return (user + nice + system) / CLK_TCK
 
 
-def versions() -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001
-            return f"n/a ({type(e).__name__})"
+def _first_line(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - a missing tool is reported, not fatal
+        return f"n/a ({type(e).__name__})"
 
-    import aiohttp
+
+def versions() -> dict[str, str]:
+    """Versions of everything measured, as the measured sidecar's python sees its libraries."""
+    probe = ("import sys, aiohttp, sidecar\n"
+             "try:\n import uvloop; uv = uvloop.__version__\nexcept ImportError:\n uv = 'not installed'\n"
+             "print(sys.version.split()[0], aiohttp.__version__, uv)")
+    env = {**os.environ, "PYTHONPATH": SIDECAR["root"]}
     try:
-        import uvloop
-        uv = uvloop.__version__
-    except ImportError:
-        uv = "not installed"
-    try:
-        from importlib.metadata import version
-        sc = version("sidecar")
-    except Exception:  # noqa: BLE001
-        sc = "?"
+        out = subprocess.run([SIDECAR["python"], "-c", probe], check=False, capture_output=True, text=True,
+                             timeout=30, env=env, cwd=BENCH).stdout.split()
+        py, aio, uv = out if len(out) == 3 else ("?", "?", "?")
+    except OSError:
+        py = aio = uv = "?"
+    go = os.path.dirname(PY)  # traefik / caddy from the bench venv (see peers.py)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    with open("/proc/meminfo") as f:
+        mem_gb = int(f.readline().split()[1]) / 2**20
     return {
-        "sidecar": sc,
-        "python": sys.version.split()[0],
-        "aiohttp": aiohttp.__version__,
+        "sidecar": f"{sidecar_revision()} ({SIDECAR['root']})",
+        "python": py,
+        "aiohttp": aio,
         "uvloop": uv,
-        "nginx": first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
-        "wrk": re.sub(r"\s*Copyright.*", "", first_line(["wrk", "-v"])).replace("wrk ", ""),
+        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+        "haproxy": _first_line(["haproxy", "-v"]).split(" - ")[0].replace("HAProxy version ", ""),
+        "traefik": _first_line([os.path.join(go, "traefik"), "version"]).split()[-1],
+        "caddy": _first_line([os.path.join(go, "caddy"), "version"]).split()[0],
+        "wrk": re.sub(r"\s*Copyright.*", "", _first_line(["wrk", "-v"])).replace("wrk ", ""),
+        "h2load": _first_line(["h2load", "--version"]).replace("h2load ", ""),
         "kernel": os.uname().release,
         "cpus": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem_gb:.0f} GiB",
     }
 
 
-def versions_line(v: dict[str, str]) -> str:
-    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in
-                                    ("sidecar", "python", "aiohttp", "uvloop", "nginx", "wrk", "kernel"))
+VERSION_KEYS = ("sidecar", "python", "aiohttp", "uvloop", "nginx", "haproxy", "traefik", "caddy", "wrk",
+                "h2load", "kernel")
+
+
+def versions_line(v: dict[str, str], keys: tuple[str, ...] = VERSION_KEYS) -> str:
+    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in keys)
 
 
 def machine_note(v: dict[str, str]) -> str:
-    return (f"> **Machine: {v['cpus']} shared cores** (a VM; other work was running on it at the same "
-            "time), and the load generator, the proxy and the upstream all compete for them on one "
-            "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs; "
-            "only the **ratios between targets measured in the same run** are meaningful.")
+    return (f"> **Shared and noisy machine: read the ratios.** {v['cpus']} shared cores ({v['cpu']}, "
+            f"{v['memory']} RAM, Linux {v['kernel']}), a VM on which other work was running at the same "
+            "time; the load generator, the proxy and the upstream all compete for those cores on one "
+            "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs (and "
+            "by up to 3x from day to day); only the **ratios between targets measured in the same run** "
+            "are meaningful.")
 
 
 def write_results(name: str, out: str, raw: dict[str, object], text: str, started: float) -> None:
