@@ -132,7 +132,7 @@ def start_upstream(tmp: str, tag: str) -> tuple[Proc, int]:
     return p, port
 
 
-def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
+def start_nginx(tmp: str, tag: str, upstream_port: int, worker_connections: int = 8192) -> tuple[Proc, int]:
     """nginx, 1 worker, keep-alive to the upstream; config, pid and logs in a private dir of `tmp`."""
     port = free_port()
     prefix = os.path.join(tmp, f"{tag}-nginx")
@@ -140,7 +140,9 @@ def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
     # As root, nginx would drop its worker to `nobody`; keep it as the current user instead.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
     conf = render("nginx.conf.tmpl", os.path.join(prefix, "nginx.conf"),
-                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port})
+                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port,
+                   "WORKER_CONNECTIONS": worker_connections,
+                   "RLIMIT_NOFILE": nofile_for(max(16384, worker_connections + 4096))})
     argv = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "error.log")]
     p = Proc("nginx", argv, os.path.join(tmp, f"{tag}-nginx.log"))
     p.wait_ready(f"http://127.0.0.1:{port}/fast")
@@ -247,12 +249,20 @@ def group_rss_mb(pgid: int) -> float:
     return kb / 1024
 
 
+def nofile_for(want: int) -> int:
+    """`want` file descriptors, capped at this process's hard limit (a child cannot exceed it)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return want if hard == resource.RLIM_INFINITY else min(want, hard)
+
+
 def raise_nofile(want: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE towards `want` (children inherit it); returns it."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    target = nofile_for(want)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -277,21 +287,25 @@ def versions() -> dict[str, str]:
     """Versions of everything measured, as the measured sidecar's python sees its libraries."""
     probe = ("import sys, aiohttp, sidecar\n"
              "try:\n import uvloop; uv = uvloop.__version__\nexcept ImportError:\n uv = 'not installed'\n"
-             "print(sys.version.split()[0], aiohttp.__version__, uv)")
+             "print(sys.version.split()[0], aiohttp.__version__, uv, sidecar.__file__)")
     env = {**os.environ, "PYTHONPATH": SIDECAR["root"]}
     try:
         out = subprocess.run([SIDECAR["python"], "-c", probe], check=False, capture_output=True, text=True,
                              timeout=30, env=env, cwd=BENCH).stdout.split()
-        py, aio, uv = out if len(out) == 3 else ("?", "?", "?")
+        py, aio, uv, where = out if len(out) == 4 else ("?", "?", "?", "?")
     except OSError:
-        py = aio = uv = "?"
+        py = aio = uv = where = "?"
+    if not where.startswith(SIDECAR["root"] + os.sep):  # the run measured some other copy
+        where = f"; WARNING: it imports sidecar from {where}"
+    else:
+        where = ""
     go = os.path.dirname(PY)  # traefik / caddy from the bench venv (see peers.py)
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     with open("/proc/meminfo") as f:
         mem_gb = int(f.readline().split()[1]) / 2**20
     return {
-        "sidecar": f"{sidecar_revision()} ({SIDECAR['root']})",
+        "sidecar": f"{sidecar_revision()} ({SIDECAR['root']}{where})",
         "python": py,
         "aiohttp": aio,
         "uvloop": uv,

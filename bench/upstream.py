@@ -3,6 +3,8 @@
 
   GET /fast              100-byte text body
   GET /sleep?ms=N[&id=X] sleeps N ms, then a short body; X is remembered (see /__stats)
+  GET /bytes?n=N         N bytes (any size: streamed in 256 KiB chunks, bounded memory)
+  POST /sink             reads and discards the request body (streamed), answers its length
   GET /__stats           JSON counters plus the ids /sleep has seen (started, finished,
                          cancelled): drain.py uses them to tell a request that reached the
                          app and was then cut (lost) from one that never got there
@@ -49,6 +51,31 @@ async def sleep(request: web.Request) -> web.Response:
     return web.Response(body=b"slept %g ms\n" % ms, content_type="text/plain")
 
 
+CHUNK = b"x" * 256 * 1024
+
+
+async def send_bytes(request: web.Request) -> web.StreamResponse:
+    try:
+        n = int(request.query["n"])
+    except (KeyError, ValueError):
+        raise web.HTTPBadRequest(text="n=<bytes> required\n")
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = n
+    await resp.prepare(request)
+    while n > 0:
+        await resp.write(CHUNK if n >= len(CHUNK) else CHUNK[:n])  # write() waits for the socket
+        n -= len(CHUNK)
+    await resp.write_eof()
+    return resp
+
+
+async def sink(request: web.Request) -> web.Response:
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.Response(text=f"{total}\n")
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({**STATS, "pid": os.getpid(), **{f"ids_{k}": sorted(v) for k, v in IDS.items()}})
 
@@ -66,6 +93,8 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/fast", fast)
     app.router.add_get("/sleep", sleep)
+    app.router.add_get("/bytes", send_bytes)
+    app.router.add_post("/sink", sink)
     app.router.add_get("/__stats", stats)
     # handler_cancellation: a handler is cancelled when its client disconnects, so a proxy that
     # drops a request mid-flight shows up as "cancelled" here.
