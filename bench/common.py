@@ -343,8 +343,11 @@ def write_results(name: str, out: str, raw: dict[str, object], text: str, starte
     """Keep the raw numbers in results/raw/NAME.json and the report at OUT; print the report."""
     import json
 
-    os.makedirs(os.path.join(RESULTS, "raw"), exist_ok=True)
-    with open(os.path.join(RESULTS, "raw", f"{name}.json"), "w") as f:
+    # Next to the report: results/raw/NAME.json for the kept results, OUT.json for any other OUT.
+    in_results = os.path.dirname(os.path.abspath(out)) == RESULTS
+    raw_path = os.path.join(RESULTS, "raw", f"{name}.json") if in_results else os.path.splitext(out)[0] + ".json"
+    os.makedirs(os.path.dirname(raw_path), exist_ok=True)
+    with open(raw_path, "w") as f:
         json.dump(raw, f, indent=1)
     with open(out, "w") as f:
         f.write(text)

@@ -227,7 +227,7 @@ def main() -> int:
     C.add_sidecar_args(ap)
     args = ap.parse_args()
     C.select_sidecar(args.sidecar_root, args.sidecar_python)
-    peers.ensure_tools({"wrk"} | (set() if args.no_nginx else {"nginx"}))
+    peers.ensure_tools(({"wrk"} if args.warmup else set()) | (set() if args.no_nginx else {"nginx"}))
     limit = C.raise_nofile(args.conns + 4096)
     if limit < args.conns + 256:
         raise SystemExit(f"RLIMIT_NOFILE is {limit} (hard limit): too low for --conns {args.conns}; "
