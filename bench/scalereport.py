@@ -30,7 +30,8 @@ def drain_summary(d: dict) -> dict:
     st = d["status"]
     ok = [(t, lat) for t, lat, s in st if s == 200]
     end = max(eofs) if eofs else d["t_signal"]
-    window = [lat for t, lat in ok if closing is not None and closing - 0.05 <= t <= end]
+    # Polls whose [sent, answered] interval overlaps [closing, last EOF]: they waited on the close.
+    window = [lat for t, lat in ok if closing is not None and t <= end and t + lat >= closing]
     before = [lat for t, lat in ok if t < d["t_signal"]]
     out["status"] = {
         "polls": len(st), "ok": len(ok),

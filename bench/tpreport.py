@@ -158,7 +158,8 @@ def report(args, targets: list[str], stages: list[dict], results: list[dict], id
                      f"{fmt(_mean(rs, 'p99'), 2)} | {fmt(us)} | {f'{us / ng:.2f}×' if us and ng else '—'} | "
                      f"{fmt(idle_rss.get(t), 1)} → {fmt(max(rss) if rss else None, 1)} |")
     if "fast" in names:
-        L += _matrix("**Proxy CPU per request on /fast, row ÷ column** (pooled over rounds):", targets,
+        L += _matrix("**Proxy CPU per request on /fast, row ÷ column** (bold: ratio of the means over the rounds; "
+                     "per round in brackets):", targets,
                      lambda a, b: ratio_cell(_rows(results, a, "fast"), _rows(results, b, "fast"),
                                              "proxy_us"))
         L += _matrix("**req/s on /fast, row ÷ column:**", targets,
