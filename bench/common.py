@@ -332,8 +332,8 @@ def versions_line(v: dict[str, str], keys: tuple[str, ...] = VERSION_KEYS) -> st
 
 def machine_note(v: dict[str, str]) -> str:
     return (f"> **Shared and noisy machine: read the ratios.** {v['cpus']} shared cores ({v['cpu']}, "
-            f"{v['memory']} RAM, Linux {v['kernel']}), a VM on which other work was running at the same "
-            "time; the load generator, the proxy and the upstream all compete for those cores on one "
+            f"{v['memory']} RAM, Linux {v['kernel']}), a VM shared with other work, which may run at the same "
+            "time (see others % where reported); the load generator, the proxy and the upstream all compete for those cores on one "
             "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs (and "
             "by up to 3x from day to day); only the **ratios between targets measured in the same run** "
             "are meaningful.")

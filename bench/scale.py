@@ -224,6 +224,7 @@ def main() -> int:
     ap.add_argument("--no-nginx", action="store_true", help="skip the nginx comparison")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "scale.md"))
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the report (what was measured, and why)")
     C.add_sidecar_args(ap)
     args = ap.parse_args()
     C.select_sidecar(args.sidecar_root, args.sidecar_python)

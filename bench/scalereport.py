@@ -52,6 +52,7 @@ def report(args, raw: dict, versions: dict[str, str], elapsed: float, cmdline: s
     sc_idle, ng = raw["idle"], raw.get("nginx")
     L = ["# Scale: memory, 1 GiB streams, 10,000 idle connections and their drain\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
+         *([f"**Note:** {args.note}\n"] if args.note else []),
          C.machine_note(versions) + " Memory figures depend far less on the noise than timings.\n",
          C.versions_line(versions) + "\n",
          "The sidecar measured: `python -m sidecar run` (uvloop) from the checkout named in Versions, env "

@@ -175,6 +175,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true", help="fail instead of installing missing tools")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "throughput.md"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--note", default="", help="a line for the report (what was measured, and why)")
     C.add_sidecar_args(ap)
     args = ap.parse_args()
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
