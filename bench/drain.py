@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import common as C
+import runinfo as R
 
 SIDECAR_ENV = {"SIDECAR_DRAIN_DELAY": "1s", "SIDECAR_DRAIN_TIMEOUT": "5s", "SIDECAR_LOGGING_LEVEL": "info"}
 TARGETS = {  # name: stop signal
@@ -247,9 +248,9 @@ def fmt(x: float | None) -> str:
 def report(args, results: list[dict], versions: dict[str, str], elapsed: float, cmdline: str) -> str:
     L = ["# Drain: requests lost across a stop signal, sidecar vs nginx\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
-         C.machine_note(versions) + " Drain outcomes are counts, not timings, so they are far less "
+         R.machine_note(versions) + " Drain outcomes are counts, not timings, so they are far less "
          "sensitive to the noise than throughput; exit times do move with it.\n",
-         C.versions_line(versions) + "\n",
+         R.versions_line(versions) + "\n",
          (f"Load: {args.workers} asyncio workers on one shared `aiohttp.ClientSession` (keep-alive), each "
          f"looping `GET /sleep?ms={args.sleep_ms}&id=N` for {args.duration:g} s, phases staggered over one "
          f"request period; stop signal at t = {args.signal_at:g} s; client retry of idempotent requests "
@@ -360,9 +361,9 @@ def main() -> int:
             C.log(f"configs and logs kept in {tmp}")
     results.sort(key=lambda r: (targets.index(r["target"]), r["round"]))
     elapsed = time.time() - t_start
-    versions = C.versions()
+    versions = R.versions()
     text = report(args, results, versions, elapsed, cmdline)
-    C.write_results("drain", args.out, {"args": vars(args), "versions": versions, "results": results},
+    R.write_results("drain", args.out, {"args": vars(args), "versions": versions, "results": results},
                     text, t_start)
     return 0
 

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 import common as C
 import peers
+import runinfo as R
 import scalereport
 
 GiB = 1 << 30
@@ -273,10 +274,10 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             C.log(f"configs and logs kept in {tmp}")
-    versions = C.versions()
+    versions = R.versions()
     raw["versions"] = versions
     text = scalereport.report(args, raw, versions, time.time() - t_start, cmdline)
-    C.write_results("scale", args.out, raw, text, t_start)
+    R.write_results("scale", args.out, raw, text, t_start)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-import common as C
+import runinfo as R
 
 __all__ = ["drain_summary", "report", "wrk_warmup"]
 
@@ -53,8 +53,8 @@ def report(args, raw: dict, versions: dict[str, str], elapsed: float, cmdline: s
     L = ["# Scale: memory, 1 GiB streams, 10,000 idle connections and their drain\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
          *([f"**Note:** {args.note}\n"] if args.note else []),
-         C.machine_note(versions) + " Memory figures depend far less on the noise than timings.\n",
-         C.versions_line(versions) + "\n",
+         R.machine_note(versions) + " Memory figures depend far less on the noise than timings.\n",
+         R.versions_line(versions) + "\n",
          "The sidecar measured: `python -m sidecar run` (uvloop) from the checkout named in Versions, env "
          + " ".join(f"`{k}={v}`" for k, v in raw["args_env"].items()) + ". RSS = VmRSS of the proxy's "
          "processes (nginx: master + worker summed), MiB.\n",

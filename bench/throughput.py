@@ -34,6 +34,7 @@ import time
 
 import common as C
 import peers
+import runinfo as R
 import tpreport
 
 SIDECAR_ENV = {
@@ -252,9 +253,9 @@ def main() -> int:
             C.log(f"configs and logs kept in {tmp}")
 
     elapsed = time.time() - t_start
-    versions = C.versions()
+    versions = R.versions()
     text = tpreport.report(args, targets, stages, results, idle_rss, versions, elapsed, cmdline)
-    C.write_results("throughput", args.out, {"args": vars(args), "versions": versions, "idle_rss_mb": idle_rss,
+    R.write_results("throughput", args.out, {"args": vars(args), "versions": versions, "idle_rss_mb": idle_rss,
                                              "results": results}, text, t_start)
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 
-import common as C
+import runinfo as R
 
 __all__ = ["STAGES", "fmt", "report"]
 
@@ -130,7 +130,7 @@ def report(args, targets: list[str], stages: list[dict], results: list[dict], id
          f"{args.rounds} round(s); in each round every stage runs against every target in turn (order "
          f"rotated per round), {args.duration} s per measurement after a {args.warmup} s warm-up per target.\n"),
          *([f"**Note:** {args.note}\n"] if args.note else []),
-         C.machine_note(versions) + "\n", C.versions_line(versions) + "\n",
+         R.machine_note(versions) + "\n", R.versions_line(versions) + "\n",
          ("Targets: **direct** = straight at `bench/upstream.py` (aiohttp on uvloop, one process); **nginx** = "
          "1 worker, upstream keep-alive; **haproxy** = nbthread 1, upstream keep-alive; **traefik** / **caddy** "
          "= default settings (Go: GOMAXPROCS = all cores), logs at ERROR; **sidecar** = `python -m sidecar "
