@@ -1,4 +1,5 @@
-"""Helpers shared by the scripts in bench/ (throughput, drain, rolling, soak).
+"""Helpers shared by the scripts in bench/: starting the upstream, nginx and the sidecar, process
+hygiene, measuring CPU and memory, and reading connection and sidecar state.
 
 Adapted from our team's yardstick kit (shared/bench/benchlib.py), trimmed to what the
 project's benchmarks need, so bench/ has no run-time dependency outside the project.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
-import re
 import signal
 import socket
 import subprocess
@@ -144,7 +144,7 @@ def start_upstream(tmp: str, tag: str, extra: list[str] | None = None) -> tuple[
     return p, port
 
 
-def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
+def start_nginx(tmp: str, tag: str, upstream_port: int, worker_connections: int = 8192) -> tuple[Proc, int]:
     """nginx, 1 worker, keep-alive to the upstream; config, pid and logs in a private dir of `tmp`."""
     port = free_port()
     prefix = os.path.join(tmp, f"{tag}-nginx")
@@ -152,28 +152,70 @@ def start_nginx(tmp: str, tag: str, upstream_port: int) -> tuple[Proc, int]:
     # As root, nginx would drop its worker to `nobody`; keep it as the current user instead.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
     conf = render("nginx.conf.tmpl", os.path.join(prefix, "nginx.conf"),
-                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port})
+                  {"USER": user, "PREFIX": prefix, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port,
+                   "WORKER_CONNECTIONS": worker_connections,
+                   "RLIMIT_NOFILE": nofile_for(max(16384, worker_connections + 4096))})
     argv = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "error.log")]
     p = Proc("nginx", argv, os.path.join(tmp, f"{tag}-nginx.log"))
     p.wait_ready(f"http://127.0.0.1:{port}/fast")
     return p, port
 
 
+# Which checkout of the sidecar is measured: select_sidecar() (from --sidecar-root/--sidecar-python).
+SIDECAR = {"root": os.path.dirname(BENCH), "python": PY}
+
+
+def add_sidecar_args(ap) -> None:
+    ap.add_argument("--sidecar-root", default=None, metavar="PATH",
+                    help="checkout of the sidecar to measure (default: this repository); its "
+                         "PATH/.venv/bin/python is used when it exists, else this python")
+    ap.add_argument("--sidecar-python", default=None, metavar="PYTHON",
+                    help="python that runs the sidecar (needs its dependencies installed)")
+
+
+def select_sidecar(root: str | None, python: str | None) -> None:
+    """Run `python -m sidecar` from ROOT (PYTHONPATH=ROOT wins over any installed copy)."""
+    if root is not None:
+        root = os.path.abspath(root)
+        if not os.path.isfile(os.path.join(root, "sidecar", "__main__.py")):
+            raise SystemExit(f"--sidecar-root {root}: no sidecar/__main__.py there")
+        SIDECAR["root"] = root
+        venv_py = os.path.join(root, ".venv", "bin", "python")
+        SIDECAR["python"] = venv_py if python is None and os.access(venv_py, os.X_OK) else PY
+    if python is not None:
+        SIDECAR["python"] = python
+
+
+def sidecar_revision() -> str:
+    """`git describe` of the measured checkout (+ "dirty" when it has uncommitted changes)."""
+    try:
+        r = subprocess.run(["git", "-C", SIDECAR["root"], "describe", "--always", "--dirty"],
+                           check=False, capture_output=True, text=True, timeout=10)
+        rev = r.stdout.strip() or "?"
+        br = subprocess.run(["git", "-C", SIDECAR["root"], "rev-parse", "--abbrev-ref", "HEAD"],
+                            check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "?"
+    return f"{br} {rev}" if br else rev
+
+
 def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, int, int]:
-    """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream."""
+    """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream.
+
+    The code comes from SIDECAR["root"] (see select_sidecar)."""
     port, admin = free_port(), free_port()
-    argv = [PY, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{upstream_port}"]
-    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env=env)
+    argv = [SIDECAR["python"], "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
+            "--admin", f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env={"PYTHONPATH": SIDECAR["root"], **env})
     p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
     return p, port, admin
 
 
 # --- measuring -------------------------------------------------------------------------------
 
-def group_cpu_seconds(pgid: int) -> float:
-    """user+sys CPU seconds of every live process in process group `pgid` (/proc/PID/stat)."""
-    ticks = 0
+def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields from field 3 on) of every live process in group `pgid`."""
+    out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -184,8 +226,47 @@ def group_cpu_seconds(pgid: int) -> float:
             continue
         fields = st[st.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
         if int(fields[2]) == pgid:                # field 5: pgrp
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / CLK_TCK
+            out.append((int(d), fields))
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+sys CPU seconds of every live process in process group `pgid` (/proc/PID/stat): all
+    of a server's processes (nginx/HAProxy master + worker; a Go server's threads are in its one
+    process)."""
+    return sum(int(f[11]) + int(f[12]) for _pid, f in _group_stats(pgid)) / CLK_TCK  # utime, stime
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory (VmRSS) of every process in the group, summed, in MiB.  For nginx and
+    HAProxy (master + worker) the sum counts their shared pages twice: an upper bound."""
+    kb = 0
+    for pid, _fields in _group_stats(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                kb += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return kb / 1024
+
+
+def nofile_for(want: int) -> int:
+    """`want` file descriptors, capped at this process's hard limit (a child cannot exceed it)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return want if hard == resource.RLIM_INFINITY else min(want, hard)
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `want` (children inherit it); returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = nofile_for(want)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def machine_busy_seconds() -> float:
@@ -195,47 +276,6 @@ def machine_busy_seconds() -> float:
     return (user + nice + system) / CLK_TCK
 
 
-def tcp_state(port: int) -> tuple[int, bool]:
-    """(established client connections to 127.0.0.1:port, whether port is listening), from
-    /proc/net/tcp: the same view of any server, nginx or the sidecar, without asking it."""
-    established, listening = 0, False
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
-            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
-                established += 1
-            elif state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                listening = True
-    return established, listening
-
-
-def log_time(ts: object) -> float:
-    """A JSON log line's `ts` as Unix time: epoch seconds, or an RFC 3339 string."""
-    if isinstance(ts, (int, float)):
-        return float(ts)
-    from datetime import datetime
-
-    return datetime.fromisoformat(str(ts)).timestamp()  # "Z" is accepted from 3.11
-
-
-def sidecar_states(log_path: str) -> list[tuple[float, str]]:
-    """(Unix time, state) of every 'state ...' line in a sidecar's JSON log."""
-    import json
-
-    out = []
-    with open(log_path, errors="replace") as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and str(e.get("msg", "")).startswith("state ") and "state" in e:
-                out.append((log_time(e["ts"]), str(e["state"])))
-    return out
-
-
 def first_line(argv: list[str]) -> str:
     """The first line a program prints (its version, say), or why there is none."""
     try:
@@ -243,52 +283,3 @@ def first_line(argv: list[str]) -> str:
         return (r.stdout + r.stderr).strip().splitlines()[0]
     except Exception as e:  # noqa: BLE001
         return f"n/a ({type(e).__name__})"
-
-
-def versions() -> dict[str, str]:
-    import aiohttp
-    try:
-        import uvloop
-        uv = uvloop.__version__
-    except ImportError:
-        uv = "not installed"
-    try:
-        from importlib.metadata import version
-        sc = version("sidecar")
-    except Exception:  # noqa: BLE001
-        sc = "?"
-    return {
-        "sidecar": sc,
-        "python": sys.version.split()[0],
-        "aiohttp": aiohttp.__version__,
-        "uvloop": uv,
-        "nginx": first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
-        "wrk": re.sub(r"\s*Copyright.*", "", first_line(["wrk", "-v"])).replace("wrk ", ""),
-        "kernel": os.uname().release,
-        "cpus": str(os.cpu_count()),
-    }
-
-
-def versions_line(v: dict[str, str]) -> str:
-    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in
-                                    ("sidecar", "python", "aiohttp", "uvloop", "nginx", "wrk", "kernel"))
-
-
-def machine_note(v: dict[str, str]) -> str:
-    return (f"> **Machine: {v['cpus']} shared cores** (a VM; other work was running on it at the same "
-            "time), and the load generator, the proxy and the upstream all compete for them on one "
-            "loopback box. Absolute numbers mean little and move ±10–25 % between identical runs; "
-            "only the **ratios between targets measured in the same run** are meaningful.")
-
-
-def write_results(name: str, out: str, raw: dict[str, object], text: str, started: float) -> None:
-    """Keep the raw numbers in results/raw/NAME.json and the report at OUT; print the report."""
-    import json
-
-    os.makedirs(os.path.join(RESULTS, "raw"), exist_ok=True)
-    with open(os.path.join(RESULTS, "raw", f"{name}.json"), "w") as f:
-        json.dump(raw, f, indent=1)
-    with open(out, "w") as f:
-        f.write(text)
-    print(text)
-    log(f"wrote {out} in {time.time() - started:.0f}s")

@@ -43,10 +43,11 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime
 
 import aiohttp
 import common as C
+import observe as O
+import runinfo as R
 
 SIDECAR_ENV = {"SIDECAR_DRAIN_DELAY": "1s", "SIDECAR_DRAIN_TIMEOUT": "5s", "SIDECAR_LOGGING_LEVEL": "info"}
 TARGETS = {  # name: stop signal
@@ -188,7 +189,7 @@ def sidecar_summary(log_path: str, wall_signal: float | None) -> dict:
         if e.get("msg") == "drain finished":
             out.update({k: v for k, v in e.items() if k not in ("ts", "level", "logger", "msg")})
         elif str(e.get("msg", "")).startswith("state ") and wall_signal and "ts" in e:
-            at = datetime.fromisoformat(e["ts"]).timestamp()  # RFC 3339 UTC
+            at = O.log_time(e["ts"])
             if at >= wall_signal - 0.01:
                 out["states"][e.get("state")] = round(1000 * (at - wall_signal))
     return out
@@ -252,21 +253,21 @@ def fmt(x: float | None) -> str:
 def report(args, results: list[dict], versions: dict[str, str], elapsed: float, cmdline: str) -> str:
     L = ["# Drain: requests lost across a stop signal, sidecar vs nginx\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
-         C.machine_note(versions) + " Drain outcomes are counts, not timings, so they are far less "
+         R.machine_note(versions) + " Drain outcomes are counts, not timings, so they are far less "
          "sensitive to the noise than throughput; exit times do move with it.\n",
-         C.versions_line(versions) + "\n",
-         f"Load: {args.workers} asyncio workers on one shared `aiohttp.ClientSession` (keep-alive), each "
-         f"looping `GET /sleep?ms={args.sleep_ms}&id=N` (pausing 0-{args.think_ms:g} ms in between) for "
-         f"{args.duration:g} s, phases staggered over one "
+         R.versions_line(versions) + "\n",
+         (f"Load: {args.workers} asyncio workers on one shared `aiohttp.ClientSession` (keep-alive), each "
+          f"looping `GET /sleep?ms={args.sleep_ms}&id=N` (pausing 0-{args.think_ms:g} ms in between) for "
+          f"{args.duration:g} s, phases staggered over one "
          f"request period; stop signal at t = {args.signal_at:g} s; client retry of idempotent requests "
          f"**off** (raw view); after a refused connect a worker waits {args.refused_backoff_ms:g} ms; "
-         f"per-request timeout {args.request_timeout:g} s. A fresh upstream and target per row.\n",
+         f"per-request timeout {args.request_timeout:g} s. A fresh upstream and target per row.\n"),
          "Targets: **sidecar** = `python -m sidecar run` stopped with **SIGTERM**, env "
          + " ".join(f"`{k}={v}`" for k, v in {**SIDECAR_ENV, **dict(kv.split('=', 1) for kv in args.sidecar_env)}
                     .items())
          + "; **nginx** = 1 worker, keep-alive to the upstream, stopped with **SIGQUIT** (`nginx -s quit`, "
          "its graceful shutdown).\n",
-         "Columns: **LOST** = failed although the upstream had received the request (its id is in the "
+         ("Columns: **LOST** = failed although the upstream had received the request (its id is in the "
          "upstream's list): work done, answer lost — the number drain must keep at 0; **pre-upstream** = "
          "transport error for a request the upstream never saw (keep-alive close race; safe to retry, but "
          "an error to a naive client); **rejected** = 503 never forwarded (sidecar's closing-phase answer, "
@@ -274,9 +275,9 @@ def report(args, results: list[dict], versions: dict[str, str], elapsed: float, 
          "a load balancer sends them to another pod); **in flight at signal (ok)** = requests in progress "
          "when the signal was sent and how many of them completed; **ok after signal** = requests *started* "
          "after the signal that still succeeded (the sidecar keeps serving through `drain.delay`, so "
-         "endpoints can be updated before it refuses anything); **exit ms** = signal → process exit.\n",
-         "| target | signal | round | requests | ok | **LOST** | pre-upstream | rejected 503 | refused | other "
-         "| in flight at signal (ok) | ok after signal | exit ms |",
+         "endpoints can be updated before it refuses anything); **exit ms** = signal → process exit.\n"),
+         ("| target | signal | round | requests | ok | **LOST** | pre-upstream | rejected 503 | refused | other "
+         "| in flight at signal (ok) | ok after signal | exit ms |"),
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         c = r["counts"]
@@ -296,8 +297,8 @@ def report(args, results: list[dict], versions: dict[str, str], elapsed: float, 
                  f"{tot['refused']} | {tot['other']} | {', '.join(fmt(r['exit_ms']) for r in rows)} |")
     sc = [r for r in results if r["sidecar"]]
     if sc:
-        L += ["\nThe sidecar's own account (its `drain finished` log line; state changes in ms after the "
-              "signal):\n"]
+        L += [("\nThe sidecar's own account (its `drain finished` log line; state changes in ms after the "
+              "signal):\n")]
         for r in sc:
             s = r["sidecar"]
             states = ", ".join(f"{k} +{v}" for k, v in s.get("states", {}).items()) or "—"
@@ -333,7 +334,9 @@ def main() -> int:
                     help="extra/overriding env for the sidecar, e.g. SIDECAR_DRAIN_DELAY=3s")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "drain.md"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    C.add_sidecar_args(ap)
     args = ap.parse_args()
+    C.select_sidecar(args.sidecar_root, args.sidecar_python)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         raise SystemExit(f"unknown target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
@@ -366,9 +369,9 @@ def main() -> int:
             C.log(f"configs and logs kept in {tmp}")
     results.sort(key=lambda r: (targets.index(r["target"]), r["round"]))
     elapsed = time.time() - t_start
-    versions = C.versions()
+    versions = R.versions()
     text = report(args, results, versions, elapsed, cmdline)
-    C.write_results("drain", args.out, {"args": vars(args), "versions": versions, "results": results},
+    R.write_results("drain", args.out, {"args": vars(args), "versions": versions, "results": results},
                     text, t_start)
     return 0
 

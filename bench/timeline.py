@@ -36,6 +36,8 @@ import urllib.request
 
 import common as C
 import drain as D
+import observe as O
+import runinfo as R
 
 BIN = 0.1       # seconds per bar
 SAMPLE = 0.02   # seconds between /proc/net/tcp samples
@@ -58,7 +60,7 @@ async def sampled_drive(url: str, port: int, tag: str, proc: C.Proc, sig: int, a
 
     async def sampler() -> None:
         while not stop.is_set():
-            samples.append((time.time(), *C.tcp_state(port)))
+            samples.append((time.time(), *O.tcp_state(port)))
             await asyncio.sleep(SAMPLE)
 
     task = asyncio.create_task(sampler())
@@ -104,7 +106,7 @@ def run_target(target: str, tmp: str, args) -> dict:
         "t_load_start": -ts, "t_load_end": args.duration - ts,
     }
     if target == "sidecar":
-        out["states"] = [(w - wall, s) for w, s in C.sidecar_states(proc.log_path) if w >= wall - 0.01]
+        out["states"] = [(w - wall, s) for w, s in O.sidecar_states(proc.log_path) if w >= wall - 0.01]
     counts = {o: sum(r[2] == o for r in out["requests"]) for o, _, _ in OUTCOMES}
     exit_ = "no exit" if out["exit"] is None else f"exit {out['exit']:.2f}s after the signal"
     C.log(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; {exit_}")
@@ -228,6 +230,8 @@ def main() -> int:
     ap.add_argument("--signal-at", type=float, default=1.5, help="seconds of load before the signal")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds of load in all")
     ap.add_argument("--sleep-ms", type=int, default=200)
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="each worker pauses a random 0..N ms between requests (as drain.py)")
     ap.add_argument("--request-timeout", type=float, default=10.0)
     ap.add_argument("--exit-timeout", type=float, default=15.0, help="SIGKILL a target this long after the signal")
     ap.add_argument("--refused-backoff-ms", type=float, default=100.0)
@@ -235,7 +239,9 @@ def main() -> int:
     ap.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra/overriding env for the sidecar, e.g. SIDECAR_DRAIN_DELAY=3s")
     ap.add_argument("--out-dir", default=C.RESULTS)
+    C.add_sidecar_args(ap)
     args = ap.parse_args()
+    C.select_sidecar(args.sidecar_root, args.sidecar_python)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(D.TARGETS):
         raise SystemExit(f"unknown target(s) {sorted(unknown)}; known: {', '.join(D.TARGETS)}")
@@ -288,7 +294,7 @@ def main() -> int:
         draw(run, limits, os.path.join(args.out_dir, f"timeline-{run['target']}.png"), args)
     os.makedirs(os.path.join(args.out_dir, "raw"), exist_ok=True)
     with open(os.path.join(args.out_dir, "raw", "timeline.json"), "w") as f:
-        json.dump({"args": vars(args), "versions": C.versions(), "runs": runs}, f)
+        json.dump({"args": vars(args), "versions": R.versions(), "runs": runs}, f)
     C.log(f"done in {time.time() - t_start:.0f}s")
     return 0
 

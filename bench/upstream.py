@@ -3,8 +3,9 @@
 
   GET  /fast              100-byte text body
   GET  /sleep?ms=N[&id=X] sleeps N ms, then a short body; X is remembered (see /__stats)
-  GET  /bytes?n=N         N bytes streamed in 16 KiB chunks (a download)
-  POST /echo              reads the whole (streamed) body, answers its length (an upload)
+  GET  /bytes?n=N         N bytes (default 1 MiB; any size: streamed in 256 KiB chunks, bounded
+                          memory): a download
+  POST /sink              reads and discards the (streamed) body, answers its length: an upload
   GET  /ws                websocket echo (text and binary)
   GET  /reset             the connection is aborted without an answer (a failing upstream call)
   GET  /__stats           JSON counters plus the ids /sleep has seen (started, finished,
@@ -34,7 +35,7 @@ from typing import IO
 from aiohttp import WSMsgType, web
 
 FAST_BODY = (b"fast-response " * 8)[:99] + b"\n"  # exactly 100 bytes
-CHUNK = b"x" * 16384
+CHUNK = b"x" * 256 * 1024
 STATS = {"fast": 0, "sleep_started": 0, "sleep_finished": 0, "sleep_cancelled": 0}
 IDS: dict[str, set[str]] = {"started": set(), "finished": set(), "cancelled": set()}
 DUPLICATES: list[str] = []
@@ -77,23 +78,26 @@ async def sleep(request: web.Request) -> web.Response:
     return web.Response(body=b"slept %g ms\n" % ms, content_type="text/plain")
 
 
-async def download(request: web.Request) -> web.StreamResponse:
-    n = int(request.query.get("n", "1048576"))
-    resp = web.StreamResponse()
+async def send_bytes(request: web.Request) -> web.StreamResponse:
+    try:
+        n = int(request.query.get("n", "1048576"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="n=<bytes> expected\n") from None
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     resp.content_length = n
     await resp.prepare(request)
     while n > 0:
-        await resp.write(CHUNK[:n])
+        await resp.write(CHUNK if n >= len(CHUNK) else CHUNK[:n])  # write() waits for the socket
         n -= len(CHUNK)
     await resp.write_eof()
     return resp
 
 
-async def echo(request: web.Request) -> web.Response:
-    size = 0
+async def sink(request: web.Request) -> web.Response:
+    total = 0
     async for chunk in request.content.iter_any():
-        size += len(chunk)
-    return web.Response(text=f"{size}\n")
+        total += len(chunk)
+    return web.Response(text=f"{total}\n")
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -142,8 +146,8 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/fast", fast)
     app.router.add_get("/sleep", sleep)
-    app.router.add_get("/bytes", download)
-    app.router.add_post("/echo", echo)
+    app.router.add_get("/bytes", send_bytes)
+    app.router.add_post("/sink", sink)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/reset", reset)
     app.router.add_get("/__stats", stats)
