@@ -316,13 +316,12 @@ def report(args, results: list[dict], versions: dict[str, str], elapsed: float, 
     return "\n".join(L)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds; targets alternate within each (default 2)")
+def add_load_args(ap: argparse.ArgumentParser, *, duration: float, signal_at: float) -> None:
+    """The load and the stop signal: the flags drain.py and timeline.py share."""
     ap.add_argument("--targets", default="sidecar,nginx", help="comma list of: " + ", ".join(TARGETS))
     ap.add_argument("--workers", type=int, default=50)
-    ap.add_argument("--duration", type=float, default=6.0, help="seconds of load per row")
-    ap.add_argument("--signal-at", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=duration, help="seconds of load in all")
+    ap.add_argument("--signal-at", type=float, default=signal_at, help="seconds of load before the signal")
     ap.add_argument("--sleep-ms", type=int, default=200)
     ap.add_argument("--think-ms", type=float, default=0.0,
                     help="each worker pauses a random 0..N ms between requests (idle keep-alive connections)")
@@ -332,10 +331,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra/overriding env for the sidecar, e.g. SIDECAR_DRAIN_DELAY=3s")
-    ap.add_argument("--out", default=os.path.join(C.RESULTS, "drain.md"))
-    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     C.add_sidecar_args(ap)
-    args = ap.parse_args()
+
+
+def load_targets(args: argparse.Namespace) -> list[str]:
+    """Select the sidecar checkout and check the targets and the timing flags."""
     C.select_sidecar(args.sidecar_root, args.sidecar_python)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
@@ -344,6 +344,17 @@ def main() -> int:
         raise SystemExit("--signal-at must be within (0, --duration)")
     if "nginx" in targets and not shutil.which("nginx"):
         raise SystemExit("nginx not found: apt-get install -y nginx (see bench/README.md)")
+    return targets
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; targets alternate within each (default 2)")
+    add_load_args(ap, duration=6.0, signal_at=2.0)
+    ap.add_argument("--out", default=os.path.join(C.RESULTS, "drain.md"))
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = ap.parse_args()
+    targets = load_targets(args)
 
     try:
         import uvloop  # the load client's loop: keeps the client's own CPU low

@@ -225,30 +225,10 @@ def draw(run: dict, limits: dict, path: str, args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="sidecar,nginx", help="comma list of: " + ", ".join(D.TARGETS))
-    ap.add_argument("--workers", type=int, default=50)
-    ap.add_argument("--signal-at", type=float, default=1.5, help="seconds of load before the signal")
-    ap.add_argument("--duration", type=float, default=4.0, help="seconds of load in all")
-    ap.add_argument("--sleep-ms", type=int, default=200)
-    ap.add_argument("--think-ms", type=float, default=0.0,
-                    help="each worker pauses a random 0..N ms between requests (as drain.py)")
-    ap.add_argument("--request-timeout", type=float, default=10.0)
-    ap.add_argument("--exit-timeout", type=float, default=15.0, help="SIGKILL a target this long after the signal")
-    ap.add_argument("--refused-backoff-ms", type=float, default=100.0)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra/overriding env for the sidecar, e.g. SIDECAR_DRAIN_DELAY=3s")
+    D.add_load_args(ap, duration=4.0, signal_at=1.5)
     ap.add_argument("--out-dir", default=C.RESULTS)
-    C.add_sidecar_args(ap)
     args = ap.parse_args()
-    C.select_sidecar(args.sidecar_root, args.sidecar_python)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if unknown := set(targets) - set(D.TARGETS):
-        raise SystemExit(f"unknown target(s) {sorted(unknown)}; known: {', '.join(D.TARGETS)}")
-    if not 0 < args.signal_at < args.duration:
-        raise SystemExit("--signal-at must be within (0, --duration)")
-    if "nginx" in targets and not shutil.which("nginx"):
-        raise SystemExit("nginx not found: apt-get install -y nginx (see bench/README.md)")
+    targets = D.load_targets(args)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
