@@ -10,6 +10,7 @@ owns each connection (a ``RequestHandler``); this module only decides when to ca
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -50,7 +51,12 @@ class Connections:
         the handler, which (still ``draining``) forwards them.
         """
         listening = getattr(listener, "sockets", None) or ()  # asyncio.Server's
-        held = [socket.socket(fileno=os.dup(s.fileno())) for s in listening]
+        held: list[socket.socket] = []
+        try:
+            held.extend(socket.socket(fileno=os.dup(s.fileno())) for s in listening)
+        except OSError as exc:  # out of descriptors: close as before, the backlog is reset
+            logger.warning("cannot hold the listening socket to take in its accept queue",
+                           extra={"fields": {"error": exc.strerror or str(exc)}})
         listener.close()
         await asyncio.sleep(0)  # uvloop closes its socket on the next loop turn
         pending = [conn for sock in held for conn in _accept_pending(sock)]
@@ -151,6 +157,9 @@ class Connections:
             conn.force_close()
 
 
+_GONE = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))
+
+
 def _accept_pending(listening: socket.socket) -> list[socket.socket]:
     """Accept every connection waiting in a listening socket's backlog, without blocking."""
     listening.setblocking(False)
@@ -160,8 +169,10 @@ def _accept_pending(listening: socket.socket) -> list[socket.socket]:
             conn, _ = listening.accept()
         except (BlockingIOError, InterruptedError):
             return conns
-        except OSError:  # e.g. ECONNABORTED: that one is gone; take the next
-            continue
+        except OSError as exc:
+            if exc.errno in _GONE:  # that one connection is gone: take the next
+                continue
+            return conns  # out of descriptors or memory: what is left is reset, as before
         conn.setblocking(False)
         conns.append(conn)
 

@@ -10,8 +10,11 @@ drains at once and passes its exit code (test_exit.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -296,3 +299,43 @@ async def test_wrapped_child_on_another_port_is_reported_while_starting(
     assert body["reason"].endswith(f"connect to 127.0.0.1:{expected} refused")
     sidecar.send(signal.SIGTERM)  # which also stops the child
     assert await sidecar.wait_exit() == 0
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit(1) from util-linux")
+async def test_a_drain_at_the_file_descriptor_limit_still_finishes_the_request_in_flight(
+        start_sidecar: StartSidecar, upstream) -> None:
+    """Taking in the accept queue as the listener closes needs a spare descriptor: a sidecar
+    at its RLIMIT_NOFILE (a flood of connections) warns and drains, never crashes."""
+    sidecar = await start_sidecar({"drain": {"delay": "0s", "timeout": "10s"}},
+                                  upstream=upstream_url(upstream), prefix=["prlimit", "--nofile=48:48"])
+    flood: list[socket.socket] = []
+    async with aiohttp.ClientSession() as client:
+        held = asyncio.ensure_future(client.get(sidecar.url + "/hold?key=fd"))
+        async with client.get(upstream_url(upstream) + "/__started?key=fd"):
+            pass
+        try:
+            for _ in range(80):  # more than the sidecar can take: the rest waits in its backlog
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", sidecar.port))
+                flood.append(s)
+            fds = f"/proc/{sidecar.proc.pid}/fd"
+            for _ in range(500):
+                if len(os.listdir(fds)) >= 47:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"the sidecar never reached its limit: {len(os.listdir(fds))} fds")
+            sidecar.send(signal.SIGTERM)
+            await sidecar.wait_log("state closing")
+            async with client.get(upstream_url(upstream) + "/__go?key=fd"):
+                pass
+            async with await held as resp:
+                assert resp.status == 200 and await resp.text() == "released fd\n"
+        finally:
+            for s in flood:
+                s.close()
+    assert await sidecar.wait_exit() == 0
+    assert not any("Traceback" in line for line in sidecar.raw)
+    await sidecar.wait_log("drain finished", aborted=0)
