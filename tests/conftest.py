@@ -166,6 +166,16 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+async def metric(client: aiohttp.ClientSession, admin: str, line_start: str) -> float:
+    """The value of the first /metrics line that starts with ``line_start``."""
+    async with client.get(admin + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in metrics:\n{text}")
+
+
 def upstream_url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}"
 

@@ -21,7 +21,14 @@ import pytest
 from aiohttp import web
 
 from tests.apps.upstream import make_app, pattern
-from tests.conftest import StartSidecar, free_port, raw_request, read_response, upstream_url
+from tests.conftest import (
+    StartSidecar,
+    free_port,
+    metric,
+    raw_request,
+    read_response,
+    upstream_url,
+)
 
 Reply = Callable[[asyncio.Transport], None]
 
@@ -135,15 +142,6 @@ async def raw_app() -> AsyncIterator[RawApp]:
 async def proxied(start_sidecar: StartSidecar, upstream):  # type: ignore[no-untyped-def]
     # A GiB each way must not meet upstream.timeout on a loaded machine.
     return await start_sidecar({"upstream": {"timeout": "300s"}}, upstream=upstream_url(upstream))
-
-
-async def _metric(client: aiohttp.ClientSession, admin: str, line_start: str) -> float:
-    async with client.get(admin + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in metrics:\n{text}")
 
 
 async def test_pipelined_requests_are_answered_in_order(proxied) -> None:
@@ -278,7 +276,7 @@ async def test_request_the_app_may_have_read_is_never_sent_twice(
     (first, *warm), (second, *swallow) = raw_app.log  # /swallow reached the app once
     assert warm == ["GET", "/warm"] and swallow == ["POST", "/swallow"]
     assert first == second, "the request was not sent on the reused connection"
-    assert await _metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="reset"}') == 1
+    assert await metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="reset"}') == 1
     entry = await sidecar.wait_log("upstream error")
     assert entry["kind"] == "reset" and "closed the connection" in entry["error"]
     async with client.get(sidecar.url + "/after") as resp:  # and the proxy goes on
@@ -408,6 +406,6 @@ async def test_timeout_after_the_head_went_out_cuts_the_client_connection(
         assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"data: first\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(resp.content.read(), 5)
-    assert await _metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 1
+    assert await metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 1
     entry = await sidecar.wait_log("upstream error")
     assert entry == {**entry, "kind": "timeout", "error": "no complete answer within 0.3s"}

@@ -15,6 +15,7 @@ from aiohttp import web
 from tests.apps.upstream import make_app, pattern
 from tests.conftest import (
     StartSidecar,
+    metric,
     raw_request,
     read_response,
     upstream_events,
@@ -209,15 +210,6 @@ async def test_unix_socket_upstream(start_sidecar: StartSidecar, tmp_path: Path,
         await runner.cleanup()
 
 
-async def _metric(client: aiohttp.ClientSession, admin: str, line_start: str) -> float:
-    async with client.get(admin + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in metrics:\n{text}")
-
-
 async def test_unreachable_upstream_is_502_and_counted(start_sidecar: StartSidecar, client) -> None:
     from tests.conftest import free_port
 
@@ -225,14 +217,14 @@ async def test_unreachable_upstream_is_502_and_counted(start_sidecar: StartSidec
     async with client.get(sidecar.url + "/x") as resp:
         assert resp.status == 502
         assert "upstream" in await resp.text() and len(await resp.text()) < 100
-    assert await _metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="connect"}') == 1
+    assert await metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="connect"}') == 1
 
 
 async def test_slow_upstream_is_504_and_counted(start_sidecar: StartSidecar, upstream, client) -> None:
     sidecar = await start_sidecar({"upstream": {"timeout": "200ms"}}, upstream=upstream_url(upstream))
     async with client.get(sidecar.url + "/hold?key=slow") as resp:
         assert resp.status == 504
-    assert await _metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 1
+    assert await metric(client, sidecar.admin, 'sidecar_upstream_errors_total{kind="timeout"}') == 1
 
 
 @pytest.mark.parametrize("chunked", ["0", "1"])
@@ -241,7 +233,7 @@ async def test_upstream_dying_mid_response_is_never_a_complete_response(proxied,
         async with client.get(proxied.url + f"/die?chunked={chunked}") as resp:
             assert resp.status == 200
             await resp.read()
-    assert await _metric(client, proxied.admin, 'sidecar_upstream_errors_total{kind="reset"}') >= 1
+    assert await metric(client, proxied.admin, 'sidecar_upstream_errors_total{kind="reset"}') >= 1
 
 
 async def test_malformed_request_gets_400_and_the_proxy_keeps_serving(proxied, client) -> None:
@@ -270,27 +262,27 @@ async def test_in_flight_and_connection_counts_are_exact(proxied, client, upstre
         status = await resp.json()
     assert status["in_flight"] == 1 and status["connections"] >= 1
     assert status["tasks"] >= 1  # the asyncio task count the soak bench watches for leaks
-    assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 1
+    assert await metric(client, proxied.admin, "sidecar_requests_in_flight") == 1
     async with client.get(upstream_url(upstream) + "/__go?key=f1"):
         pass
     resp = await asyncio.wait_for(pending, 5)
     assert resp.status == 200
     resp.release()
-    assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 0
-    assert await _metric(client, proxied.admin, 'sidecar_requests_total{code="200",method="GET"}') >= 1
+    assert await metric(client, proxied.admin, "sidecar_requests_in_flight") == 0
+    assert await metric(client, proxied.admin, 'sidecar_requests_total{code="200",method="GET"}') >= 1
 
 
 async def test_in_flight_counts_a_websocket_until_it_closes(proxied, client) -> None:
     async with client.ws_connect(proxied.url + "/ws") as ws:
         await ws.send_str("x")
         await ws.receive(timeout=5)
-        assert await _metric(client, proxied.admin, "sidecar_websockets_open") == 1
-        assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 1
+        assert await metric(client, proxied.admin, "sidecar_websockets_open") == 1
+        assert await metric(client, proxied.admin, "sidecar_requests_in_flight") == 1
     for _ in range(100):
-        if await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 0:
+        if await metric(client, proxied.admin, "sidecar_requests_in_flight") == 0:
             break
         await asyncio.sleep(0.02)
-    assert await _metric(client, proxied.admin, "sidecar_websockets_open") == 0
+    assert await metric(client, proxied.admin, "sidecar_websockets_open") == 0
 
 
 async def test_websocket_lives_longer_than_the_upstream_timeout(start_sidecar: StartSidecar, upstream, client) -> None:
@@ -332,7 +324,7 @@ async def test_admin_traffic_is_not_counted_in_request_metrics(proxied, client) 
     for path in ("/readyz", "/healthz", "/status", "/metrics"):
         async with client.get(proxied.admin + path) as resp:
             await resp.read()
-    assert await _metric(client, proxied.admin, 'sidecar_request_duration_seconds_count{method="GET"}') == 0
+    assert await metric(client, proxied.admin, 'sidecar_request_duration_seconds_count{method="GET"}') == 0
 
 
 async def test_readyz_is_503_starting_until_the_health_path_answers_2xx(
@@ -342,12 +334,12 @@ async def test_readyz_is_503_starting_until_the_health_path_answers_2xx(
     async with client.get(sidecar.admin + "/readyz") as resp:
         body = await resp.json()
         assert resp.status == 503 and body["state"] == "starting" and body["reason"]
-    assert await _metric(client, sidecar.admin, "sidecar_upstream_up") == 0
+    assert await metric(client, sidecar.admin, "sidecar_upstream_up") == 0
     healthy = await start_sidecar({"upstream": {"health_path": "/status/204"}}, upstream=upstream_url(upstream))
     await healthy.wait_log("state serving")
     async with client.get(healthy.admin + "/readyz") as resp:
         assert resp.status == 200
-    assert await _metric(client, healthy.admin, "sidecar_upstream_up") == 1
+    assert await metric(client, healthy.admin, "sidecar_upstream_up") == 1
 
 
 async def test_access_log_and_text_format(start_sidecar: StartSidecar, upstream, client) -> None:
@@ -380,5 +372,5 @@ async def test_client_that_goes_away_cancels_the_upstream_request(proxied, clien
         await asyncio.sleep(0.02)
     else:
         raise AssertionError(f"the upstream request was not cancelled: {upstream_events(upstream)}")
-    assert await _metric(client, proxied.admin, "sidecar_requests_in_flight") == 0
-    assert await _metric(client, proxied.admin, 'sidecar_requests_total{code="499",method="GET"}') == 1
+    assert await metric(client, proxied.admin, "sidecar_requests_in_flight") == 0
+    assert await metric(client, proxied.admin, 'sidecar_requests_total{code="499",method="GET"}') == 1
