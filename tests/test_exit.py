@@ -272,11 +272,11 @@ async def test_sigterms_while_exiting_after_the_drain_do_not_change_the_exit_cod
                                   upstream=upstream_url(upstream))
     sidecar.send(signal.SIGTERM)
     await sidecar.wait_log("sidecar exiting")
-    while sidecar.proc.returncode is None:  # keep signalling through the whole way out
+    exited = asyncio.ensure_future(sidecar.proc.wait())
+    while not exited.done():  # keep signalling through the whole way out
         with contextlib.suppress(ProcessLookupError):
-            sidecar.send(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sidecar.proc.wait(), 0.001)
+            os.kill(sidecar.proc.pid, signal.SIGTERM)  # not Popen.send_signal: it reaps (poll)
+        await asyncio.sleep(0.001)
     assert await sidecar.wait_exit() == 0
 
 
