@@ -13,10 +13,17 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ("access_logger", "logger", "resolve_format", "setup")
+__all__ = ("access_logger", "log_access", "logger", "resolve_format", "setup")
 
 logger = logging.getLogger("sidecar")
 access_logger = logging.getLogger("sidecar.access")
+
+
+def log_access(method: str, path: str, status: int, seconds: float, client: str | None) -> None:
+    """One access-log line per answered request (``logging.access_log``)."""
+    access_logger.info("%s %s %d", method, path, status, extra={"fields": {
+        "method": method, "path": path, "status": status,
+        "duration_ms": round(seconds * 1000, 3), "client": client}})
 
 
 def _rfc3339(created: float, digits: int) -> str:

@@ -27,7 +27,7 @@ from .drain import Drain, Flight
 from .exchange import Exchange, request_head
 from .headers import request_headers, response_headers
 from .listener import ClientServer
-from .log import access_logger
+from .log import log_access
 from .metrics import Metrics
 from .pool import Pool
 from .responses import (
@@ -38,7 +38,7 @@ from .responses import (
     upstream_error,
     upstream_error_kind,
 )
-from .upstream import base_url, connector, host_header, upstream_pool
+from .upstream import base_url, host_header, upstream_pool, websocket_session
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)
@@ -75,9 +75,6 @@ class Proxy:
         self._loop = asyncio.get_running_loop()
         up = config.upstream
         self._base = base_url(up)
-        self._timeout = aiohttp.ClientTimeout(
-            total=up.timeout or None, sock_connect=up.connect_timeout, connect=None
-        )
         self._exchange_timeout = up.timeout or None
         self._host = host_header(up)
         self._pool: Pool | None = None
@@ -104,14 +101,7 @@ class Proxy:
         # out of the collector's way, so a full collection under load does not scan it
         # (measured under wrk: worst pause 34 ms -> 5 ms).
         gc.freeze()
-        self._session = aiohttp.ClientSession(
-            connector=connector(up, limit=up.max_connections, keepalive_timeout=UPSTREAM_IDLE),
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        )
+        self._session = websocket_session(up, idle_timeout=UPSTREAM_IDLE)
 
     async def listen(self) -> int:
         """Bind the proxy listener; return the port (useful with port 0)."""
@@ -187,7 +177,7 @@ class Proxy:
             elapsed = monotonic() - started
             self._metrics.request_done(request.method, status, elapsed)
             if self._access_log:
-                _log_access(request, status, elapsed)
+                log_access(request.method, request.raw_path, status, elapsed, request.remote)
 
     def _reject(self, request: web.BaseRequest, reason: str) -> web.Response:
         if reason == "draining":
@@ -197,7 +187,7 @@ class Proxy:
             self._metrics.rejected_starting.inc()
         self._metrics.request_done(request.method, 503, 0.0)  # answered, so counted too
         if self._access_log:
-            _log_access(request, 503, 0.0)
+            log_access(request.method, request.raw_path, 503, 0.0, request.remote)
         return rejection(reason, self._retry_after)
 
     def _target(self, request: web.BaseRequest) -> str:
@@ -301,12 +291,3 @@ def _cut(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-def _log_access(request: web.BaseRequest, status: int, seconds: float) -> None:
-    access_logger.info(
-        "%s %s %d", request.method, request.raw_path, status,
-        extra={"fields": {"method": request.method, "path": request.raw_path, "status": status,
-                          "duration_ms": round(seconds * 1000, 3), "client": request.remote}},
-    )
-

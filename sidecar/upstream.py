@@ -11,7 +11,9 @@ from yarl import URL
 from .config import UpstreamConfig
 from .pool import Pool
 
-__all__ = ("base_url", "connect_once", "connector", "host_header", "upstream_pool")
+__all__ = (
+    "base_url", "connect_once", "connector", "host_header", "upstream_pool", "websocket_session",
+)
 
 
 def base_url(up: UpstreamConfig) -> str:
@@ -30,6 +32,19 @@ def upstream_pool(up: UpstreamConfig, *, idle_timeout: float) -> Pool:
     return Pool(host=url.raw_host or "", port=url.port or 80, unix_path=up.unix_path,
                 connect_timeout=up.connect_timeout, limit=up.max_connections,
                 idle_timeout=idle_timeout)
+
+
+def websocket_session(up: UpstreamConfig, *, idle_timeout: float) -> aiohttp.ClientSession:
+    """The client of the websocket leg (aiohttp's), adding nothing the client did not send."""
+    return aiohttp.ClientSession(
+        connector=connector(up, limit=up.max_connections, keepalive_timeout=idle_timeout),
+        timeout=aiohttp.ClientTimeout(
+            total=up.timeout or None, sock_connect=up.connect_timeout, connect=None),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+    )
 
 
 def connector(up: UpstreamConfig, **options: Any) -> aiohttp.BaseConnector:
