@@ -42,7 +42,9 @@ class Child:
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for sig in FORWARDED_SIGNALS:
             self._loop.add_signal_handler(sig, self.send, sig)
-        self._proc = subprocess.Popen(self._argv, process_group=0)
+        # The app inherits our environment, but not the admin token: /drain is ours alone.
+        env = {k: v for k, v in os.environ.items() if k != "SIDECAR_ADMIN_TOKEN"}
+        self._proc = subprocess.Popen(self._argv, process_group=0, env=env)
         logger.info("started child", extra={"fields": {"pid": self._proc.pid, "argv": self._argv}})
         self.reap()  # it may already have exited before the handler could fire
 

@@ -7,7 +7,6 @@ drain (the timeline itself is ``Drain.run``), linger, exit with a code.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Any
 
@@ -71,8 +70,6 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
         raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
     child = Child(command) if command else None
     if child is not None and command:
-        # The app inherits our environment, but not the admin token: /drain is ours alone.
-        os.environ.pop("SIDECAR_ADMIN_TOKEN", None)
         try:
             child.start()
         except OSError as exc:
