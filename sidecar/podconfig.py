@@ -55,7 +55,8 @@ for _key in SCHEMA["drain"]:
 
 
 def _env_name(dotted: str) -> str:
-    return "SIDECAR_" + dotted.replace(".", "_").upper()
+    section, _, key = dotted.rpartition(".")
+    return sources.env_name(section, key)
 
 
 def read_annotations(annotations: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
