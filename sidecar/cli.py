@@ -16,7 +16,7 @@ import sys
 
 from . import __version__
 from .config import Config, ConfigError, load, to_yaml
-from .values import parse_duration
+from .config.values import parse_duration
 
 __all__ = ("main",)
 
@@ -32,7 +32,7 @@ SIGTERM or SIGINT (Ctrl-C) starts a drain; a second SIGINT skips to the deadline
 def _run_epilog() -> str:
     """Precedence, then every setting's variable with its key and default (from the schema)."""
     from .config import SCHEMA
-    from .sources import dotted, env_name
+    from .config.sources import dotted, env_name
 
     lines = ["precedence: built-in defaults < config file < SIDECAR_* environment < flags",
              "", "environment (each sets one config key; see config/sidecar.yaml and the README):"]
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    from .client import DrainFailed, DrainPending, admin_url, request_drain
+    from .drain_client import DrainFailed, DrainPending, admin_url, request_drain
 
     try:
         admin = admin_url(args.admin)
@@ -187,7 +187,7 @@ def _drain(args: argparse.Namespace) -> int:
 # ---- sidecar inject / uninject ------------------------------------------------------------------
 
 def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .inject import DEFAULT_IMAGE
+    from .k8s.inject import DEFAULT_IMAGE
 
     inputs = {"nargs": "*", "metavar": "FILE|DIR|-",
               "help": "manifests: files, directories (recursively), - for stdin (the default)"}
@@ -219,8 +219,8 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .inject import InjectError, Options
-    from .manifests import InputError, dump, inject_all, read, uninject_all
+    from .k8s.inject import InjectError, Options
+    from .k8s.manifests import InputError, dump, inject_all, read, uninject_all
 
     verb = f"sidecar {args.command}"
     if not args.inputs and sys.stdin.isatty():

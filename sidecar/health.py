@@ -23,7 +23,7 @@ from yarl import URL
 from .config import UpstreamConfig
 from .log import logger
 from .metrics import Metrics
-from .upstream import base_url, connect_once, connector
+from .upstream.reach import base_url, connect_once, connector
 
 __all__ = ("Health", "something_answers")
 

@@ -14,10 +14,10 @@ from .admin import Admin
 from .child import Child
 from .config import Config
 from .drain import Drain
+from .front.proxy import Proxy
 from .health import Health, something_answers
 from .log import logger
 from .metrics import Metrics
-from .proxy import Proxy
 from .upstream_exit import exit_upstream
 
 __all__ = ("EXIT_UPSTREAM_TAKEN", "StartupError", "run")

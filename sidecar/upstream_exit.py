@@ -18,7 +18,7 @@ import aiohttp
 
 from .config import ExitConfig, UpstreamConfig
 from .log import logger
-from .upstream import connect_once
+from .upstream.reach import connect_once
 
 __all__ = ("exit_upstream", "find_processes", "wait_pids_gone")
 

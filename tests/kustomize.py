@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.values import parse_duration as seconds
+from sidecar.config.values import parse_duration as seconds
 
 __all__ = ("DEPLOY", "KUBECTL", "needs_kubectl", "render", "seconds")
 

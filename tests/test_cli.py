@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sidecar.client import admin_url
+from sidecar.drain_client import admin_url
 from tests.conftest import ROOT, StartSidecar, free_port, upstream_url
 
 
@@ -77,7 +77,7 @@ async def test_drain_of_a_port_nobody_listens_on_says_cannot_reach_and_exits_1()
 
 async def test_run_help_describes_the_command_and_names_every_variable() -> None:
     from sidecar.config import SCHEMA
-    from sidecar.sources import env_name
+    from sidecar.config.sources import env_name
 
     code, out, _ = await _cli("run", "--help")
     assert code == 0

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sidecar import cli
 from sidecar.config import SCHEMA, ConfigError, load, to_yaml
-from sidecar.sources import dotted
+from sidecar.config.sources import dotted
 from tests.conftest import ROOT, free_port
 
 KEYS = [(section, key) for section, keys in SCHEMA.items() for key in keys]

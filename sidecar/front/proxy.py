@@ -20,16 +20,17 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import Config
-from .connection import UpstreamError
+from ..config import Config
+from ..drain import Drain, Flight
+from ..log import log_access
+from ..metrics import Metrics
+from ..upstream.connection import UpstreamError
+from ..upstream.exchange import Exchange, request_head
+from ..upstream.pool import Pool
+from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
 from .connections import Connections
-from .drain import Drain, Flight
-from .exchange import Exchange, request_head
 from .headers import request_headers, response_headers
 from .listener import ClientServer
-from .log import log_access
-from .metrics import Metrics
-from .pool import Pool
 from .responses import (
     ProxyResponse,
     describe_error,
@@ -38,7 +39,6 @@ from .responses import (
     upstream_error,
     upstream_error_kind,
 )
-from .upstream import base_url, host_header, upstream_pool, websocket_session
 from .websocket import relay_websocket
 
 __all__ = ("Proxy",)

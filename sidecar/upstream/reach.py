@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .config import UpstreamConfig
+from ..config import UpstreamConfig
 from .pool import Pool
 
 __all__ = (

@@ -14,9 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from . import sources
-from .config import SCHEMA, Config, ConfigError, load, to_yaml
-from .values import parse_choice
+from ..config import SCHEMA, Config, ConfigError, load, sources, to_yaml
+from ..config.values import parse_choice
 
 __all__ = (
     "CONTROL",

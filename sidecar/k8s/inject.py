@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .config import Address, Config, ConfigError
+from .. import __version__
+from ..config import Address, Config, ConfigError
 from .podconfig import (
     PREFIX,
     RESOURCES,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from .connection import UpstreamError
+from ..upstream.connection import UpstreamError
 
 __all__ = (
     "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
