@@ -52,6 +52,7 @@ class UpstreamConfig:
     max_connections: int
     health_path: str | None
     health_interval: float
+    health_grpc: str | None
 
     @property
     def unix_path(self) -> str | None:
@@ -124,6 +125,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
         "max_connections": (v.parse_integer(0, 1_000_000), 512),
         "health_path": (v.parse_optional(v.parse_path), None),
         "health_interval": (v.parse_positive_duration, "2s"),
+        "health_grpc": (v.parse_grpc_service, None),
     },
     "client": {
         "header_timeout": (v.parse_positive_duration, "10s"),
@@ -269,6 +271,7 @@ def to_yaml(config: Config) -> str:
             "max_connections": u.max_connections,
             "health_path": u.health_path,
             "health_interval": format_duration(u.health_interval),
+            "health_grpc": u.health_grpc,
         },
         "client": {
             "header_timeout": format_duration(c.header_timeout),

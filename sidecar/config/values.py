@@ -171,6 +171,21 @@ def parse_path(value: Any) -> str:
     return text
 
 
+_GRPC_SERVICE = re.compile(r"[A-Za-z0-9_.\-/]{0,200}")
+
+
+def parse_grpc_service(value: Any) -> str | None:
+    """A gRPC health service name; ``""`` names the whole server, so only null is "unset"."""
+    if value is None or value == "null":
+        return None
+    text = parse_text(value)
+    if not _GRPC_SERVICE.fullmatch(text):
+        raise ValueError(
+            f'expected a gRPC service name such as "shop.CartService", or "" for the whole '
+            f"server, got {text[:60]!r}")
+    return text
+
+
 def parse_http_url(value: Any) -> str:
     text = parse_text(value)
     parts = urllib.parse.urlsplit(text)
