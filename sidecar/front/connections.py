@@ -3,8 +3,8 @@
 Which connections are busy, closing the idle ones one by one during ``draining`` (the
 close spread), closing the listener without resetting what its accept queue holds, and
 giving requests already on the wire time to reach the handler.  aiohttp parses HTTP and
-owns each connection (a ``RequestHandler``); this module only decides when to call its
-``force_close()``.
+owns each connection (a ``ClientConnection``); this module reads its ``ConnectionState``
+and decides when to call its ``force_close()``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import os
 import socket
 from collections.abc import Callable
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
+
+from .listener import ClientConnection, ClientServer, ConnectionState
 
 __all__ = ("Connections",)
 
@@ -34,7 +35,7 @@ class Connections:
     """The connections of one ``web.Server``; ``in_flight()`` names those with a request
     being forwarded (the drain's flights)."""
 
-    def __init__(self, server: web.Server, *,
+    def __init__(self, server: ClientServer, *,
                  in_flight: Callable[[], set[RequestHandler]]) -> None:
         self._server = server
         self._in_flight = in_flight
@@ -72,8 +73,7 @@ class Connections:
         handler (not read yet on a fresh connection, or read and not yet started)."""
         def arriving() -> list[RequestHandler]:
             flying = self._in_flight()
-            return [c for c in self._server.connections if c not in flying and not (
-                getattr(c, "_request_count", 0) > 0 and _awaiting_request(c))]
+            return [c for c in self._server.connections if c not in flying and not _waiting(c)]
 
         fresh = len(arriving())
         deadline = self._loop.time() + ARRIVAL_GRACE
@@ -94,14 +94,15 @@ class Connections:
         busy = self.busy()
         for conn in self._server.connections:
             if conn not in busy:
-                if getattr(conn, "_request_count", 1) == 0:
+                if _state(conn).fresh:
                     self._loop.call_later(FRESH_GRACE, self._close_if_idle, conn)
                 else:
                     conn.force_close()
 
-    async def close_idle_gradually(self, *, spread: float, delay: float) -> None:
-        """While ``draining``: close idle keep-alive connections a few at a time over the
-        last ``spread`` seconds (at most ``delay``, the whole phase) before admission stops.
+    async def close_idle_gradually(self, *, until: float) -> None:
+        """While ``draining``: close idle keep-alive connections a few at a time until
+        ``until`` (the loop's clock), the end of the close spread's window, which the drain
+        places at the end of ``drain.delay``, just before admission stops.
 
         So few are left when the listener closes, and their clients do not all reconnect
         (to the other pods) at one instant.  The spread ends the phase rather than starting
@@ -113,22 +114,16 @@ class Connections:
         connection is left to ``close_idle``.  With n idle and t seconds left, the next one
         closes after t / (n + 1): the last close comes before admission stops.
         """
-        window = min(spread, delay)
-        if window <= 0:
-            return
-        await asyncio.sleep(delay - window)
-        end = self._loop.time() + window
-
         def idle() -> list[RequestHandler]:
             busy = self.busy()
             return [c for c in self._server.connections
-                    if c not in busy and getattr(c, "_request_count", 0) > 0]
+                    if c not in busy and not _state(c).fresh]
 
-        while (left := end - self._loop.time()) > 0:
+        while (left := until - self._loop.time()) > 0:
             waiting = len(idle())
             pause = max(left / (waiting + 1), SPREAD_STEP) if waiting else min(left, SPREAD_RECHECK)
             await asyncio.sleep(pause)
-            if not waiting or self._loop.time() >= end:
+            if not waiting or self._loop.time() >= until:
                 continue
             conns = idle()
             batch = conns[:math.ceil(len(conns) * pause / left)]
@@ -141,15 +136,12 @@ class Connections:
     def busy(self) -> set[RequestHandler]:
         """Connections with a request in flight, queued, or whose answer is being written.
 
-        One that has carried a request is idle only while aiohttp waits for its next one
-        (its ``_waiter`` pending): between parsing a request and starting its handler
-        (a loop turn) none of the other marks is set, and closing it then loses a request
-        that is about to be forwarded.
+        A head parsed but not yet handed to the handler (a loop turn, or a pipelined
+        request behind a busy one) counts: closing then would lose a request that is
+        about to be forwarded (``ConnectionState.queued``).
         """
         busy = self._in_flight()
-        busy.update(c for c in self._server.connections
-                    if getattr(c, "_request_in_progress", False) or getattr(c, "_messages", None)
-                    or (getattr(c, "_request_count", 0) > 0 and not _awaiting_request(c)))
+        busy.update(c for c in self._server.connections if _state(c).busy)
         return busy
 
     def _close_if_idle(self, conn: RequestHandler) -> None:
@@ -177,7 +169,15 @@ def _accept_pending(listening: socket.socket) -> list[socket.socket]:
         conns.append(conn)
 
 
-def _awaiting_request(conn: RequestHandler) -> bool:
-    """aiohttp's own test for an idle connection (its keep-alive timer uses the same)."""
-    waiter = getattr(conn, "_waiter", None)
-    return waiter is not None and not waiter.done()
+_UNKNOWN = ConnectionState()
+_UNKNOWN.tracked = False  # a connection that is not ours counts as busy
+
+
+def _state(conn: RequestHandler) -> ConnectionState:
+    return conn.state if isinstance(conn, ClientConnection) else _UNKNOWN
+
+
+def _waiting(conn: RequestHandler) -> bool:
+    """Has carried a request and waits for the next one (the first bytes of which may be in)."""
+    state = _state(conn)
+    return not state.fresh and not state.busy

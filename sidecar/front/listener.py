@@ -18,26 +18,36 @@ closed).  This module adds what a reverse proxy needs on top, without parsing an
   ``Host`` set to the target's authority, as RFC 9112 section 3.2.2 requires.
 - A malformed request is one ``bad request`` log line at info level, not an error
   with a traceback: clients on the internet send garbage, the sidecar is fine.
+
+Only aiohttp's public surface is used: ``web.Server`` with ``request_factory=``, our own
+protocol factory (``ClientServer`` is what ``loop.create_server`` calls), and
+``RequestHandler``'s public methods.  What the drain must know of each connection (has it
+carried a request, is one being handled, is a complete head waiting) is a
+``ConnectionState`` that the connection owns, fed by ``data_received``, the request
+factory and the handler's ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httptools
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, _RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ("ClientServer",)
+__all__ = ("ClientConnection", "ClientServer", "ConnectionState")
 
 logger = logging.getLogger("sidecar")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -45,42 +55,120 @@ _TIMEOUT_408 = (
 )
 
 
-class ClientServer(web.Server):
-    """``web.Server`` whose connections enforce the header timeout and refuse what
-    cannot be forwarded (see the module docstring)."""
+class ConnectionState:
+    """What one client connection is doing, as the drain needs to know it.
 
-    def __init__(self, handler: _RequestHandler, *, header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(self._guard, **kwargs)
+    aiohttp keeps this in private fields; we keep our own.  Request heads are counted by
+    llhttp (``httptools``: message boundaries only, no header or body callbacks, about a
+    microsecond a request) as the bytes arrive, so a head that is parsed but not yet handed
+    to the handler (the loop turn in between, or a pipelined request queued behind a busy
+    one) is known.  ``requests`` counts requests whose handling began (the request factory
+    ran), ``in_request`` is true until the handler's answer is written.  After a request that
+    asked to switch protocols (a websocket), or bytes llhttp refuses (aiohttp answers 400 and
+    closes), the boundaries are no longer followed and the connection counts as busy.
+    """
+
+    __slots__ = ("_parser", "heads", "in_request", "receiving_head", "requests", "tracked")
+
+    def __init__(self) -> None:
+        self.heads = 0  # complete request heads received (a malformed one counts: it is answered)
+        self.requests = 0
+        self.in_request = False
+        self.receiving_head = False  # the first bytes of a head are in, not the whole head
+        self.tracked = True
+        self._parser = httptools.HttpRequestParser(self)
+
+    @property
+    def queued(self) -> bool:
+        """A complete head has arrived that the handler has not started on yet."""
+        return self.heads > self.requests or not self.tracked
+
+    @property
+    def busy(self) -> bool:
+        """A request is being handled or waits to be: closing now would lose it."""
+        return self.in_request or self.queued
+
+    @property
+    def fresh(self) -> bool:
+        """No complete request head yet (a just-accepted or a slow client)."""
+        return self.heads == 0 and self.tracked
+
+    def feed(self, data: bytes) -> None:
+        if not self.tracked:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.tracked = False  # what follows is another protocol, or aiohttp's to re-read
+        except httptools.HttpParserError:
+            if self.receiving_head or not self.heads:
+                self.heads += 1  # aiohttp answers it 400 through the request factory
+            self.tracked = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.receiving_head = True
+
+    def on_headers_complete(self) -> None:
+        self.receiving_head = False
+        self.heads += 1
+
+
+class ClientServer:
+    """The protocol factory of the proxy port: each connection is a ``ClientConnection``
+    of one ``web.Server`` whose request factory and handler keep ``ConnectionState``
+    current and refuse what cannot be forwarded (see the module docstring)."""
+
+    def __init__(self, handler: Handler, *, header_timeout: float, keepalive_timeout: float,
+                 handler_cancellation: bool = True) -> None:
         self._forward = handler
         self._header_timeout = header_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._loop = asyncio.get_running_loop()
+        self.server = web.Server(self._guard, request_factory=self._build_request,
+                                 handler_cancellation=handler_cancellation)
 
-    def __call__(self) -> RequestHandler:
-        return ClientConnection(self, loop=self._loop, header_timeout=self._header_timeout,
-                                **self._kwargs)
+    @property
+    def connections(self) -> list[web.RequestHandler]:
+        return self.server.connections
 
-    def _make_request(
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self.server, loop=self._loop, header_timeout=self._header_timeout,
+                                keepalive_timeout=self._keepalive_timeout, access_log=None)
+
+    def _build_request(
         self,
         message: RawRequestMessage,
         payload: StreamReader,
-        protocol: RequestHandler,
+        protocol: web.RequestHandler,
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
+        if isinstance(protocol, ClientConnection):
+            protocol.request_started()
         authority = message.url.host_port_subcomponent if message.url.absolute else None
         if authority:  # absolute form: the target's authority wins over any Host header
             headers = CIMultiDict(message.headers)
             headers["Host"] = authority
-            message = message._replace(headers=CIMultiDictProxy(headers))
-        return super()._make_request(message, payload, protocol, writer, task)
+            message = message._replace(headers=CIMultiDictProxy(headers))  # a NamedTuple's
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
 
     async def _guard(self, request: web.BaseRequest) -> web.StreamResponse:
-        reason = _not_forwardable(request)
-        if reason is None:
-            return await self._forward(request)
-        _log_bad_request(request.remote, 400, reason)
-        resp = web.Response(status=400, text=f"400 Bad Request: {reason}\n")
-        resp.force_close()  # what follows on the connection (a tunnel, a body) is not HTTP
-        return resp
+        try:
+            reason = _not_forwardable(request)
+            if reason is None:
+                resp = await self._forward(request)
+            else:
+                _log_bad_request(request.remote, 400, reason)
+                resp = web.Response(status=400, text=f"400 Bad Request: {reason}\n")
+                resp.force_close()  # what follows on the connection (a tunnel, a body) is not HTTP
+            if not resp.prepared:  # written here, so the request ends when its answer is out
+                await resp.prepare(request)
+                await resp.write_eof()
+            return resp
+        finally:
+            if isinstance(request.protocol, ClientConnection):
+                request.protocol.state.in_request = False
 
 
 def _not_forwardable(request: web.BaseRequest) -> str | None:
@@ -103,11 +191,15 @@ def _scheme(target: str) -> str | None:
         return None
 
 
-class ClientConnection(RequestHandler):
-    """One client connection: aiohttp's handler plus the request-head deadline."""
+class ClientConnection(web.RequestHandler):
+    """One client connection: aiohttp's handler, its ``ConnectionState`` and the
+    request-head deadline."""
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
+                 header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self.state = ConnectionState()
+        self._timer_loop = loop
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes received while the head deadline runs
@@ -121,21 +213,29 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        heads = self._request_count
-        waiting = self._waiter is not None and not self._waiter.done()  # idle between requests
+        state = self.state
+        heads, idle = state.heads, not state.busy and not state.receiving_head
+        state.feed(data)  # before aiohttp wakes the handler: the head is known as it is parsed
         super().data_received(data)
-        if self._request_count != heads:  # a complete head (or a parse error) arrived
+        if state.heads != heads:  # a complete head (or a malformed one) arrived
             self._disarm_head_timer()
         elif self._head_timer is not None:
             self._head_bytes += len(data)
-        elif waiting and data:  # the first byte of the next request on a kept-alive connection
+        elif idle and state.requests and data:  # the first bytes of the next request
             self._arm_head_timer()
             self._head_bytes = len(data)
+
+    def request_started(self) -> None:
+        """The request factory ran: a request's handling begins."""
+        state = self.state
+        state.requests += 1
+        state.in_request = True
+        state.heads = max(state.heads, state.requests)  # one llhttp did not see whole (a 400)
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
         self._head_bytes = 0
-        self._head_timer = self._loop.call_later(self._header_timeout, self._head_timeout)
+        self._head_timer = self._timer_loop.call_later(self._header_timeout, self._head_timeout)
 
     def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -144,7 +244,7 @@ class ClientConnection(RequestHandler):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self._request_in_progress or self._messages or self.transport is None:
+        if self.state.busy or self.transport is None:
             return
         if self._head_bytes:
             logger.info("request head timeout", extra={"fields": {

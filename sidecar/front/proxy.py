@@ -16,7 +16,6 @@ from time import monotonic
 
 import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -30,7 +29,7 @@ from ..upstream.pool import Pool
 from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
 from .connections import Connections
 from .headers import request_headers, response_headers
-from .listener import ClientServer
+from .listener import ClientConnection, ClientServer
 from .responses import (
     ProxyResponse,
     describe_error,
@@ -86,8 +85,7 @@ class Proxy:
         self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
         self.web_server = ClientServer(
-            self.handle, handler_cancellation=True, access_log=None,
-            header_timeout=config.client.header_timeout,
+            self.handle, header_timeout=config.client.header_timeout,
             keepalive_timeout=config.client.idle_timeout,
         )
         self._connections = Connections(self.web_server, in_flight=self._in_flight)
@@ -133,13 +131,12 @@ class Proxy:
         """Close connections with no request in progress (silent fresh ones after a grace)."""
         self._connections.close_idle()
 
-    async def close_idle_gradually(self) -> None:
-        """While ``draining``: close idle keep-alive connections one by one over the last
-        ``drain.close_spread`` of ``drain.delay`` (see ``Connections``)."""
-        drain = self._config.drain
-        await self._connections.close_idle_gradually(spread=drain.close_spread, delay=drain.delay)
+    async def close_idle_gradually(self, until: float) -> None:
+        """While ``draining``: close idle keep-alive connections one by one until ``until``
+        (the close spread's window, set by the drain; see ``Connections``)."""
+        await self._connections.close_idle_gradually(until=until)
 
-    def _in_flight(self) -> set[RequestHandler]:
+    def _in_flight(self) -> set[web.RequestHandler]:
         return {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
 
     async def close(self) -> None:
@@ -170,8 +167,7 @@ class Proxy:
             return resp
         finally:
             drain.done(flight)
-            if not drain.admitting and resp is not None and not getattr(
-                    request.protocol, "_messages", None):
+            if not drain.admitting and resp is not None and not _queued(request):
                 # Admission has stopped: the connection ends with this response.
                 resp.force_close()
             elapsed = monotonic() - started
@@ -285,6 +281,12 @@ class Proxy:
 
 
 logger = logging.getLogger("sidecar")
+
+
+def _queued(request: web.BaseRequest) -> bool:
+    """A pipelined request waits behind this one on its connection."""
+    conn = request.protocol
+    return isinstance(conn, ClientConnection) and conn.state.queued
 
 
 def _cut(request: web.BaseRequest) -> None:
