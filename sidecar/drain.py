@@ -69,10 +69,12 @@ class Drain:
         delay: float,
         timeout: float,
         metrics: Metrics,
+        close_spread: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._delay = delay
         self._timeout = timeout
+        self._close_spread = min(close_spread, delay)  # the last part of the delay
         self._metrics = metrics
         self._clock = clock
         self._state = State.STARTING
@@ -175,9 +177,6 @@ class Drain:
         self._skip_delay.set()
         self._deadline.set()
 
-    async def wait_triggered(self) -> None:
-        await self._triggered.wait()
-
     async def wait_drained(self) -> None:
         await self._drained.wait()
 
@@ -192,13 +191,14 @@ class Drain:
         *,
         stop_admission: Callable[[], Awaitable[None]],
         exit_upstream: Callable[[], Awaitable[dict[str, Any]]],
-        while_draining: Callable[[], Awaitable[None]] | None = None,
+        spread_closes: Callable[[float], Awaitable[None]] | None = None,
     ) -> Summary:
         """Wait for a trigger, then drain:
 
         1. ``draining``: readiness fails and every response carries Connection: close,
-           while requests are still forwarded, for ``drain.delay``; ``while_draining``
-           (idle connections closed one by one) runs meanwhile, cancelled when it ends;
+           while requests are still forwarded, for ``drain.delay``; over its last
+           ``drain.close_spread``, ``spread_closes(end)`` closes idle connections one by
+           one until ``end`` (the event loop's clock), cancelled if the delay is cut short;
         2. ``closing``: stop admission (listener closed, idle connections closed,
            late requests answered 503, websockets told 1001);
         3. wait until nothing is in flight, at most ``drain.timeout``;
@@ -209,7 +209,7 @@ class Drain:
         await self._triggered.wait()
         assert self._started_at is not None
 
-        spreading = asyncio.ensure_future(while_draining()) if while_draining else None
+        spreading = asyncio.ensure_future(self._spread(spread_closes)) if spread_closes else None
         await _first_of(self._skip_delay.wait(), timeout=self._delay)
         if spreading is not None:
             spreading.cancel()
@@ -232,6 +232,13 @@ class Drain:
         logger.info("drain finished", extra={"fields": _summary_fields(summary)})
         self._drained.set()
         return summary
+
+    async def _spread(self, spread_closes: Callable[[float], Awaitable[None]]) -> None:
+        """The close spread's window: the last ``close_spread`` seconds of the delay."""
+        if self._close_spread <= 0:
+            return
+        await asyncio.sleep(self._delay - self._close_spread)
+        await spread_closes(asyncio.get_running_loop().time() + self._close_spread)
 
     def _abort_all(self) -> None:
         now = self._clock()

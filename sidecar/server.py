@@ -38,7 +38,8 @@ class StartupError(Exception):
 async def run(config: Config, *, command: list[str] | None = None, metrics: Metrics | None = None) -> int:
     """Run until drained; return the process exit code (the child's in wrap mode)."""
     metrics = metrics or Metrics()
-    drain = Drain(delay=config.drain.delay, timeout=config.drain.timeout, metrics=metrics)
+    drain = Drain(delay=config.drain.delay, timeout=config.drain.timeout,
+                  close_spread=config.drain.close_spread, metrics=metrics)
     proxy = Proxy(config, drain=drain, metrics=metrics)
     gating = bool(command) or config.upstream.health_path is not None
     health = Health(config.upstream, metrics=metrics, gating=gating, on_first_healthy=drain.mark_serving)
@@ -110,7 +111,7 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
 
     try:
         await drain.run(stop_admission=proxy.stop_admission, exit_upstream=tell_upstream,
-                        while_draining=proxy.close_idle_gradually)
+                        spread_closes=proxy.close_idle_gradually)
 
         # 4. Linger so a last scrape sees the final numbers; answer /drain callers; close.
         if config.drain.linger > 0:
