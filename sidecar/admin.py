@@ -61,7 +61,7 @@ class Admin:
         addr = self._config.admin
         site = web.TCPSite(self._runner, addr.host, addr.port, reuse_address=True)
         await site.start()
-        self.port = site.port
+        self.port = int(self._runner.addresses[0][1])  # the bound port (useful with port 0)
         return self.port
 
     async def stop(self) -> None:
