@@ -16,6 +16,9 @@ closed).  This module adds what a reverse proxy needs on top, without parsing an
   other than ``chunked`` (the app would get a body it cannot decode).
 - An absolute-form target (``GET http://host/path``) is forwarded in origin form with
   ``Host`` set to the target's authority, as RFC 9112 section 3.2.2 requires.
+- Request bodies are not decompressed (``auto_decompress`` off): a proxy forwards the
+  body bytes as received.  Upgrades other than websocket end the connection after
+  their answer (see ``_LOST_TAIL``).
 - A malformed request is one ``bad request`` log line at info level, not an error
   with a traceback: clients on the internet send garbage, the sidecar is fine.
 """
@@ -37,6 +40,14 @@ from yarl import URL
 
 __all__ = ("ClientServer",)
 
+# Set on a request carrying an upgrade aiohttp does not support (``h2c``, anything but
+# websocket).  It is not honoured: ``Upgrade`` is hop-by-hop and the request goes on
+# as plain HTTP/1.1.  But aiohttp's C parser (3.14) drops whatever followed such a
+# request in the same read, so the connection ends with its answer: a request
+# pipelined behind it sees the close, unanswered and so never processed (RFC 9112
+# 9.3.2: the client may retry it), instead of waiting for an answer that cannot come.
+_LOST_TAIL = "sidecar.lost_tail"
+
 logger = logging.getLogger("sidecar")
 
 _TIMEOUT_408 = (
@@ -50,6 +61,10 @@ class ClientServer(web.Server):
     cannot be forwarded (see the module docstring)."""
 
     def __init__(self, handler: _RequestHandler, *, header_timeout: float, **kwargs: Any) -> None:
+        # The body is forwarded as the client sent it: decompressing it under the
+        # client's Content-Length and Content-Encoding would let a gzip body inflate
+        # into a second request (and corrupts every compressed upload).
+        kwargs["auto_decompress"] = False
         super().__init__(self._guard, **kwargs)
         self._forward = handler
         self._header_timeout = header_timeout
@@ -71,12 +86,18 @@ class ClientServer(web.Server):
             headers = CIMultiDict(message.headers)
             headers["Host"] = authority
             message = message._replace(headers=CIMultiDictProxy(headers))
-        return super()._make_request(message, payload, protocol, writer, task)
+        request = super()._make_request(message, payload, protocol, writer, task)
+        if message.upgrade and not _supported_upgrade(message.headers.get("Upgrade", "")):
+            request[_LOST_TAIL] = True
+        return request
 
     async def _guard(self, request: web.BaseRequest) -> web.StreamResponse:
         reason = _not_forwardable(request)
         if reason is None:
-            return await self._forward(request)
+            resp = await self._forward(request)
+            if request.get(_LOST_TAIL):
+                resp.force_close()
+            return resp
         _log_bad_request(request.remote, 400, reason)
         resp = web.Response(status=400, text=f"400 Bad Request: {reason}\n")
         resp.force_close()  # what follows on the connection (a tunnel, a body) is not HTTP
@@ -94,6 +115,12 @@ def _not_forwardable(request: web.BaseRequest) -> str | None:
     if codings and codings != ["chunked"]:
         return "only Transfer-Encoding: chunked is supported"
     return None
+
+
+def _supported_upgrade(upgrade: str) -> bool:
+    """The upgrades aiohttp's parser hands over (the rest of the connection becomes the
+    upgraded protocol's): only websocket is forwarded as one."""
+    return upgrade.isascii() and upgrade.lower() in ("websocket", "tcp")
 
 
 def _scheme(target: str) -> str | None:
