@@ -53,6 +53,7 @@ class UpstreamConfig:
     health_path: str | None
     health_interval: float
     health_grpc: str | None
+    max_response_head: int
 
     @property
     def unix_path(self) -> str | None:
@@ -126,6 +127,7 @@ SCHEMA: dict[str, dict[str, tuple[_Parser, Any]]] = {
         "health_path": (v.parse_optional(v.parse_path), None),
         "health_interval": (v.parse_positive_duration, "2s"),
         "health_grpc": (v.parse_grpc_service, None),
+        "max_response_head": (v.parse_size(1024, 16 * 1024 * 1024), "64KiB"),
     },
     "client": {
         "header_timeout": (v.parse_positive_duration, "10s"),
@@ -272,6 +274,7 @@ def to_yaml(config: Config) -> str:
             "health_path": u.health_path,
             "health_interval": format_duration(u.health_interval),
             "health_grpc": u.health_grpc,
+            "max_response_head": v.format_size(u.max_response_head),
         },
         "client": {
             "header_timeout": format_duration(c.header_timeout),

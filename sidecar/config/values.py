@@ -18,6 +18,7 @@ from typing import Any
 __all__ = (
     "Address",
     "format_duration",
+    "format_size",
     "parse_address",
     "parse_boolean",
     "parse_choice",
@@ -32,6 +33,7 @@ __all__ = (
     "parse_seconds",
     "parse_secret",
     "parse_signal",
+    "parse_size",
     "parse_text",
     "parse_upstream_url",
 )
@@ -112,6 +114,36 @@ def parse_integer(low: int, high: int) -> Callable[[Any], int]:
         return value
 
     return parse
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB)?\s*$")
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
+
+
+def parse_size(low: int, high: int) -> Callable[[Any], int]:
+    """A size in bytes: a whole number, or with a unit (``64KiB``, ``1MiB``, ``512B``)."""
+    def parse(value: Any) -> int:
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str) and (m := _SIZE.match(value)):
+            size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if size is None:
+            raise ValueError(f"expected a size like 64KiB, 1MiB or a number of bytes, got {value!r}")
+        if not low <= size <= high:
+            raise ValueError(f"must be between {format_size(low)} and {format_size(high)}, "
+                             f"got {format_size(size)}")
+        return size
+
+    return parse
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling: ``65536`` -> ``64KiB``."""
+    for unit in ("MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
 
 
 def parse_seconds(value: Any) -> int:

@@ -2,6 +2,13 @@
 
 RFC 9110 section 7.6.1: Connection, every header it names, and the classic
 hop-by-hop set are not forwarded.  Requests gain the X-Forwarded-* headers.
+
+``Connection`` cannot unframe a request: Content-Length and Host are kept whatever
+it names (RFC 9110 7.6.1 lets a proxy keep what it must; RFC 9112 6.3 and 3.2 say the
+forwarded message frames its own body and an HTTP/1.1 request carries Host).  A
+Content-Length the client named, dropped, would leave the body to be read by the app
+as the next request.  Transfer-Encoding is always dropped here and set again by the
+request head from the body the proxy actually sends.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDictProxy
 
-__all__ = ("HOP_BY_HOP", "request_headers", "response_headers")
+__all__ = ("HOP_BY_HOP", "request_headers", "response_headers", "transfer_codings")
 
 HOP_BY_HOP = frozenset(
     (
@@ -27,6 +34,8 @@ HOP_BY_HOP = frozenset(
 )
 # Also not forwarded upstream: we answer Expect: 100-continue ourselves.
 _REQUEST_DROP = HOP_BY_HOP | {"expect"}
+# Never dropped because Connection names them: they frame and route the request.
+_FRAMING = frozenset(("content-length", "host"))
 
 
 def _named_by_connection(values: Iterable[str]) -> frozenset[str]:
@@ -49,7 +58,7 @@ def request_headers(
     """
     drop = _REQUEST_DROP
     if "Connection" in headers:
-        drop = drop | _named_by_connection(headers.getall("Connection"))
+        drop = drop | (_named_by_connection(headers.getall("Connection")) - _FRAMING)
     out: list[tuple[str, str]] = []
     prior: list[str] = []
     at = -1
@@ -82,6 +91,14 @@ def request_headers(
         if host is not None:
             out.append(("X-Forwarded-Host", host))
     return out
+
+
+def transfer_codings(headers: list[tuple[str, str]]) -> str | None:
+    """The app's transfer codings other than ``chunked`` (``gzip`` of ``gzip, chunked``),
+    which the client must be told about: the body is forwarded as it came, still coded."""
+    codings = [c.strip() for k, v in headers if k.lower() == "transfer-encoding"
+               for c in v.split(",") if c.strip() and c.strip().lower() != "chunked"]
+    return ", ".join(codings) or None
 
 
 def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -16,6 +16,9 @@ closed).  This module adds what a reverse proxy needs on top, without parsing an
   other than ``chunked`` (the app would get a body it cannot decode).
 - An absolute-form target (``GET http://host/path``) is forwarded in origin form with
   ``Host`` set to the target's authority, as RFC 9112 section 3.2.2 requires.
+- Request bodies are not decompressed (``auto_decompress`` off): a proxy forwards the
+  body bytes as received.  Upgrades other than websocket end the connection after
+  their answer (see ``_LOST_TAIL``).
 - A malformed request is one ``bad request`` log line at info level, not an error
   with a traceback: clients on the internet send garbage, the sidecar is fine.
 
@@ -44,6 +47,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ("ClientConnection", "ClientServer", "ConnectionState")
+
+# Set on a request carrying an upgrade aiohttp does not support (``h2c``, anything but
+# websocket).  It is not honoured: ``Upgrade`` is hop-by-hop and the request goes on
+# as plain HTTP/1.1.  But aiohttp's C parser (3.14) drops whatever followed such a
+# request in the same read, so the connection ends with its answer: a request
+# pipelined behind it sees the close, unanswered and so never processed (RFC 9112
+# 9.3.2: the client may retry it), instead of waiting for an answer that cannot come.
+_LOST_TAIL = "sidecar.lost_tail"
 
 logger = logging.getLogger("sidecar")
 
@@ -133,8 +144,12 @@ class ClientServer:
         return self.server.connections
 
     def __call__(self) -> ClientConnection:
+        # auto_decompress off: the body is forwarded as the client sent it; decompressing it
+        # under the client's Content-Length and Content-Encoding would let a gzip body
+        # inflate into a second request (and corrupts every compressed upload).
         return ClientConnection(self.server, loop=self._loop, header_timeout=self._header_timeout,
-                                keepalive_timeout=self._keepalive_timeout, access_log=None)
+                                keepalive_timeout=self._keepalive_timeout, access_log=None,
+                                auto_decompress=False)
 
     def _build_request(
         self,
@@ -151,13 +166,18 @@ class ClientServer:
             headers = CIMultiDict(message.headers)
             headers["Host"] = authority
             message = message._replace(headers=CIMultiDictProxy(headers))  # a NamedTuple's
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        request = web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        if message.upgrade and not _supported_upgrade(message.headers.get("Upgrade", "")):
+            request[_LOST_TAIL] = True
+        return request
 
     async def _guard(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             reason = _not_forwardable(request)
             if reason is None:
                 resp = await self._forward(request)
+                if request.get(_LOST_TAIL):
+                    resp.force_close()
             else:
                 _log_bad_request(request.remote, 400, reason)
                 resp = web.Response(status=400, text=f"400 Bad Request: {reason}\n")
@@ -182,6 +202,12 @@ def _not_forwardable(request: web.BaseRequest) -> str | None:
     if codings and codings != ["chunked"]:
         return "only Transfer-Encoding: chunked is supported"
     return None
+
+
+def _supported_upgrade(upgrade: str) -> bool:
+    """The upgrades aiohttp's parser hands over (the rest of the connection becomes the
+    upgraded protocol's): only websocket is forwarded as one."""
+    return upgrade.isascii() and upgrade.lower() in ("websocket", "tcp")
 
 
 def _scheme(target: str) -> str | None:

@@ -28,7 +28,7 @@ from ..upstream.exchange import Exchange, request_head
 from ..upstream.pool import Pool
 from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
 from .connections import Connections
-from .headers import request_headers, response_headers
+from .headers import request_headers, response_headers, transfer_codings
 from .listener import ClientConnection, ClientServer
 from .responses import (
     ProxyResponse,
@@ -201,7 +201,8 @@ class Proxy:
         body = None
         if request.body_exists:
             body = request.content
-            if request.headers.get("Expect", "").lower() == "100-continue":
+            if (request.headers.get("Expect", "").lower() == "100-continue"
+                    and request.version >= aiohttp.HttpVersion11):  # RFC 9110 15.2: no 1xx to 1.0
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         method = request.method
         received = request.headers
@@ -219,6 +220,7 @@ class Proxy:
                                      timeout=self._exchange_timeout, task=request.task)
             resp = ProxyResponse(status=up.status, reason=up.reason)
             resp.headers.extend(response_headers(up.headers))
+            resp.codings = transfer_codings(up.headers)
             if self._drain.triggered:
                 resp.force_close()
             await exchange.relay(request, resp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from ..upstream.connection import UpstreamError
 
@@ -22,9 +23,16 @@ class ProxyResponse(web.StreamResponse):
     ``Server`` when they are missing; a proxy must pass the upstream's headers as
     they are.  The head is held until the first body bytes so that both leave in
     one write (``_forward`` flushes it at once for a stream that has nothing yet).
+
+    Header bytes that are not UTF-8 (obs-text, a latin-1 ``filename="r\xe9sum\xe9"``)
+    arrive as surrogate escapes; aiohttp's serializer writes UTF-8 and drops those,
+    so a head that has any is serialized here, byte for byte.  ``codings`` are the
+    app's transfer codings other than chunked (a body still coded): the client is
+    told ``Transfer-Encoding: <codings>, chunked``.
     """
 
     _send_headers_immediately = False
+    codings: str | None = None
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
@@ -35,6 +43,22 @@ class ProxyResponse(web.StreamResponse):
             headers.pop("Content-Type", None)
         if not had_server:
             headers.pop("Server", None)
+        if self.codings and headers.get("Transfer-Encoding") == "chunked":
+            headers["Transfer-Encoding"] = f"{self.codings}, chunked"
+
+    async def _write_headers(self) -> None:
+        await super()._write_headers()
+        if self.reason.isascii() and all(v.isascii() for v in self.headers.values()):
+            return
+        # aiohttp has validated the head (no CR/LF) and buffered its UTF-8 form without
+        # the escaped bytes: put the faithful bytes in its place (aiohttp has no hook).
+        writer = self._payload_writer
+        version = self._req.version if self._req is not None else (1, 1)
+        lines = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}",
+                 *(f"{k}: {v}" for k, v in self.headers.items())]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        assert isinstance(writer, StreamWriter) and writer._headers_buf is not None
+        writer._headers_buf = head
 
 
 def rejection(reason: str, retry_after: str) -> web.Response:

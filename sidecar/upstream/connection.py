@@ -14,7 +14,15 @@ Invariants:
   connection is idle, EOF, or a parse error close it.
 - A HEAD response ends with its head (llhttp cannot be told the request was HEAD,
   so the parser is replaced for the next exchange); 1xx interim responses are
-  skipped; a body delimited by the connection close ends at EOF.
+  skipped, and one that has a body (RFC 9112 6.3: none may) or is a ``101`` (no
+  upgrade was asked for) fails the exchange; a body delimited by the connection
+  close (no length, or a Transfer-Encoding not ending in ``chunked``) ends at EOF,
+  and not at a reset, which is an error (RFC 9112 section 8).
+- The response head (1xx heads included) is at most ``max_head`` bytes: llhttp has
+  no limit of its own, so an app sending header lines without end would grow the
+  sidecar until it is killed.  Past it, the exchange fails (502).
+- Header bytes are decoded as UTF-8 with ``surrogateescape``, so obs-text (a latin-1
+  ``\xe9``) survives the round trip; ``responses.ProxyResponse`` writes it back.
 - Trailers of a chunked response are parsed and dropped: the body is passed on,
   the trailer fields are not (the client side cannot send them).
 - Every failure wakes the waiting reader with an ``UpstreamError``.
@@ -50,8 +58,11 @@ def _closed_early() -> UpstreamError:
 class Connection(asyncio.Protocol):
     """A keep-alive connection to the app; ``on_idle_close`` is told when it ends while idle."""
 
-    def __init__(self, on_idle_close: Callable[[Connection], None]) -> None:
+    def __init__(self, on_idle_close: Callable[[Connection], None], *, max_head: int) -> None:
         self._on_idle_close = on_idle_close
+        self._max_head = max_head
+        self._head_bytes = 0  # bytes received before the final response head was complete
+        self._interim = False  # inside a 1xx response (between its head and its end)
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = False
@@ -86,15 +97,26 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 nobody asked for: not HTTP any more
+            self.fail(UpstreamError("reset", "the upstream switched protocols (101) unasked"))
+            return
         except httptools.HttpParserError as exc:
-            self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
+            cause = exc.__context__  # what a callback raised
+            self.fail(cause if isinstance(cause, UpstreamError) else
+                      UpstreamError("reset", f"invalid response from the upstream: {exc}"))
+            return
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head:
+                self.fail(UpstreamError("reset", "the upstream's response head is over "
+                                        f"upstream.max_response_head ({self._max_head} bytes)"))
 
     def eof_received(self) -> bool:
-        self._ended()
+        self._ended(None)
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._ended()
+        self._ended(exc)
         waiter = self._write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -111,7 +133,7 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("latin-1")
+        self.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_done:  # afterwards: trailer fields, dropped
@@ -128,6 +150,7 @@ class Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # interim response (103 Early Hints): skip it
             self.headers = []
+            self._interim = True
             return
         self.status = status
         self._head_done = True
@@ -141,6 +164,9 @@ class Connection(asyncio.Protocol):
         if self.complete:  # bytes after a HEAD response's head
             self._dirty = True
             return
+        if self._interim:  # llhttp reads a body for a 1xx other than 100-103: none may have one
+            # Raised, not just failed: it stops llhttp, so nothing after it is parsed.
+            raise UpstreamError("reset", "invalid response from the upstream: a 1xx with a body")
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
@@ -149,6 +175,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        self._interim = False
         if self._head_done and not self.complete:
             self._finish()
             self._wake()
@@ -165,6 +192,8 @@ class Connection(asyncio.Protocol):
         self.reason = ""
         self.headers = []
         self._head_done = False
+        self._head_bytes = 0
+        self._interim = False
         self._keep_alive = False
         self.complete = False
 
@@ -231,18 +260,26 @@ class Connection(asyncio.Protocol):
         """The body has no length of its own: it ends when the app closes the connection."""
         if self.status in (204, 304):
             return False
-        names = {name.lower() for name, _ in self.headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        length = coding = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == "content-length":
+                length = True
+            elif lname == "transfer-encoding":  # RFC 9112 6.3: only a final chunked frames it
+                coding = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        return not length and not coding
 
     def _finish(self) -> None:
         self.complete = True
 
-    def _ended(self) -> None:
+    def _ended(self, exc: BaseException | None) -> None:
         self.closed = True
         if self.idle:
             self._on_idle_close(self)  # the pool forgets it (a no-op if the pool closed it)
             return
-        if self._head_done and not self.complete and self._until_close():
+        if exc is not None and not self.complete:  # a reset is not an end (RFC 9112 8)
+            self.fail(UpstreamError("reset", f"the upstream connection failed: {exc}"))
+        elif self._head_done and not self.complete and self._until_close():
             self._finish()  # a body delimited by the connection close
         elif not self.complete:
             self.fail(_closed_early())

@@ -39,6 +39,7 @@ class Pool:
         connect_timeout: float,
         limit: int,
         idle_timeout: float,
+        max_head: int = 64 * 1024,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host, self._port, self._unix_path = host, port, unix_path
@@ -46,6 +47,7 @@ class Pool:
         self._connect_timeout = connect_timeout or None
         self._limit = limit
         self._idle_timeout = idle_timeout
+        self._max_head = max_head
         self._idle: deque[Connection] = deque()
         self._open = 0  # connections that exist (idle, in use, or being dialled)
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -121,10 +123,10 @@ class Pool:
             async with asyncio.timeout(self._connect_timeout):
                 if self._unix_path:
                     _, conn = await loop.create_unix_connection(
-                        lambda: Connection(self._lost_idle), self._unix_path)
+                        lambda: Connection(self._lost_idle, max_head=self._max_head), self._unix_path)
                 else:
                     _, conn = await loop.create_connection(
-                        lambda: Connection(self._lost_idle), self._host, self._port)
+                        lambda: Connection(self._lost_idle, max_head=self._max_head), self._host, self._port)
         except TimeoutError:
             raise UpstreamError(
                 "connect", f"no connection to {self._address} within {self._connect_timeout}s"

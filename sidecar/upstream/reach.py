@@ -31,7 +31,7 @@ def upstream_pool(up: UpstreamConfig, *, idle_timeout: float) -> Pool:
     url = URL(base_url(up))
     return Pool(host=url.raw_host or "", port=url.port or 80, unix_path=up.unix_path,
                 connect_timeout=up.connect_timeout, limit=up.max_connections,
-                idle_timeout=idle_timeout)
+                idle_timeout=idle_timeout, max_head=up.max_response_head)
 
 
 def websocket_session(up: UpstreamConfig, *, idle_timeout: float) -> aiohttp.ClientSession:
