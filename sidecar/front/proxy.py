@@ -31,6 +31,7 @@ from .connections import Connections
 from .headers import request_headers, response_headers, transfer_codings
 from .listener import ClientConnection, ClientServer
 from .responses import (
+    ClientSink,
     ProxyResponse,
     describe_error,
     rejection,
@@ -216,16 +217,18 @@ class Proxy:
         exchange = Exchange(pool)
         resp: ProxyResponse | None = None
         try:
-            up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD",
-                                     timeout=self._exchange_timeout, task=request.task)
-            resp = ProxyResponse(status=up.status, reason=up.reason)
-            resp.headers.extend(response_headers(up.headers))
-            resp.codings = transfer_codings(up.headers)
-            if self._drain.triggered:
-                resp.force_close()
-            await exchange.relay(request, resp)
+            async with asyncio.timeout(self._exchange_timeout):
+                up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
+                resp = ProxyResponse(status=up.status, reason=up.reason)
+                resp.headers.extend(response_headers(up.headers))
+                resp.codings = transfer_codings(up.headers)
+                if self._drain.triggered:
+                    resp.force_close()
+                await exchange.relay(ClientSink(request, resp))
             return resp, up.status
-        except UpstreamError as exc:
+        except (UpstreamError, TimeoutError) as err:
+            exc = err if isinstance(err, UpstreamError) else exchange.timeout_error(
+                self._exchange_timeout or 0.0)
             if exc.kind == "client_timeout":  # the client, not the app, is the slow party
                 logger.info("client timeout", extra={"fields": {"error": str(exc)}})
                 if resp is not None and resp.prepared:

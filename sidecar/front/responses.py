@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from ..upstream.connection import UpstreamError
 
 __all__ = (
-    "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
+    "ClientSink", "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
     "upstream_error_kind",
 )
 
@@ -59,6 +60,31 @@ class ProxyResponse(web.StreamResponse):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
         assert isinstance(writer, StreamWriter) and writer._headers_buf is not None
         writer._headers_buf = head
+
+
+class ClientSink:
+    """The client's side of an exchange (``upstream.exchange.Sink``): the proxied response
+    on aiohttp's writer."""
+
+    __slots__ = ("_request", "_resp", "_writer")
+
+    def __init__(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
+        self._request = request
+        self._resp = resp
+        self._writer: AbstractStreamWriter | None = None
+
+    async def start(self) -> None:
+        self._writer = await self._resp.prepare(self._request)  # the head waits for the body
+
+    def flush_head(self) -> None:
+        if self._writer is not None:
+            self._writer.send_headers()
+
+    async def write(self, data: bytes) -> None:
+        await self._resp.write(data)
+
+    async def finish(self, data: bytes = b"") -> None:
+        await self._resp.write_eof(data)
 
 
 def rejection(reason: str, retry_after: str) -> web.Response:

@@ -1,13 +1,14 @@
 """One HTTP/1.1 connection to the app, as an asyncio protocol: one exchange at a time.
 
 The response is parsed by llhttp through ``httptools``; nothing is parsed by hand.
-The exchange that owns the connection calls ``begin()``, writes the request, then
-awaits ``response_head()`` and ``read()`` until it returns ``b""``.
+The exchange that owns the connection calls ``begin()``, which gives it a fresh
+``Response`` (everything one exchange learns: head, body chunks, end or error), writes
+the request, then awaits ``response_head()`` and ``read()`` until it returns ``b""``.
 
 Invariants:
 - Flow control both ways.  Response body bytes are buffered up to ``HIGH_WATER``,
-  then the socket stops being read until the reader has taken them below
-  ``LOW_WATER``; request writes wait in ``drain()`` while the transport's write
+  then the socket stops being read until the reader takes them (a read takes all
+  that is buffered); request writes wait in ``drain()`` while the transport's write
   buffer is over its high-water mark.  So a stream of any size stays bounded.
 - ``reusable`` is true only after a complete response on a connection the app
   keeps alive, and with nothing unexpected received.  Bytes from the app while the
@@ -37,10 +38,9 @@ from typing import cast
 
 import httptools
 
-__all__ = ("HIGH_WATER", "LOW_WATER", "Connection", "UpstreamError")
+__all__ = ("HIGH_WATER", "Connection", "Response", "UpstreamError")
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
-LOW_WATER = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -55,31 +55,41 @@ def _closed_early() -> UpstreamError:
     return UpstreamError("reset", "the upstream closed the connection before the response was complete")
 
 
+class Response:
+    """What one exchange learns from the app, filled in by the parser's callbacks."""
+
+    __slots__ = ("buffered", "chunks", "complete", "error", "head_bytes", "head_done",
+                 "head_only", "headers", "interim", "keep_alive", "reason", "status")
+
+    def __init__(self, *, head_only: bool, complete: bool = False) -> None:
+        self.head_only = head_only  # HEAD: the response ends with its head
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.head_done = False
+        self.head_bytes = 0  # bytes received before the final head was complete
+        self.interim = False  # inside a 1xx response (between its head and its end)
+        self.keep_alive = False
+        self.complete = complete
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.error: UpstreamError | None = None
+
+
 class Connection(asyncio.Protocol):
     """A keep-alive connection to the app; ``on_idle_close`` is told when it ends while idle."""
 
     def __init__(self, on_idle_close: Callable[[Connection], None], *, max_head: int) -> None:
         self._on_idle_close = on_idle_close
         self._max_head = max_head
-        self._head_bytes = 0  # bytes received before the final response head was complete
-        self._interim = False  # inside a 1xx response (between its head and its end)
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = False
         self.idle = False  # set by the pool while the connection waits in it
         self.closed = False
         self.idle_since = 0.0
-        self._head_only = False
-        self.status = 0
-        self.reason = ""
-        self.headers: list[tuple[str, str]] = []
-        self._head_done = False
-        self.complete = False
+        self.response = Response(head_only=False, complete=True)  # none asked for yet
         self._dirty = False
-        self._keep_alive = False
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._write_waiter: asyncio.Future[None] | None = None
@@ -91,7 +101,8 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.idle or self.complete:  # nothing was asked: the connection is not trustworthy
+        resp = self.response
+        if self.idle or resp.complete:  # nothing was asked: the connection is not trustworthy
             self._dirty = True
             self.close()
             return
@@ -105,9 +116,9 @@ class Connection(asyncio.Protocol):
             self.fail(cause if isinstance(cause, UpstreamError) else
                       UpstreamError("reset", f"invalid response from the upstream: {exc}"))
             return
-        if not self._head_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._max_head:
+        if not resp.head_done:
+            resp.head_bytes += len(data)
+            if resp.head_bytes > self._max_head:
                 self.fail(UpstreamError("reset", "the upstream's response head is over "
                                         f"upstream.max_response_head ({self._max_head} bytes)"))
 
@@ -133,69 +144,66 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("utf-8", "surrogateescape")
+        self.response.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_done:  # afterwards: trailer fields, dropped
-            self.headers.append(
+        resp = self.response
+        if not resp.head_done:  # afterwards: trailer fields, dropped
+            resp.headers.append(
                 (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_message_begin(self) -> None:
-        if self.complete:  # a second answer to one request: the connection is not reused
+        if self.response.complete:  # a second answer to one request: the connection is not reused
             self._dirty = True
 
     def on_headers_complete(self) -> None:
-        if self.complete:
+        resp = self.response
+        if resp.complete:
             return
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # interim response (103 Early Hints): skip it
-            self.headers = []
-            self._interim = True
+            resp.headers = []
+            resp.interim = True
             return
-        self.status = status
-        self._head_done = True
-        self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it after the body
-        if self._head_only:  # HEAD: the response ends here, whatever its headers announce
+        resp.status = status
+        resp.head_done = True
+        resp.keep_alive = self._parser.should_keep_alive()  # llhttp forgets it after the body
+        if resp.head_only:  # HEAD: the response ends here, whatever its headers announce
             self._fresh_parser = True
-            self._finish()
+            resp.complete = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.complete:  # bytes after a HEAD response's head
+        resp = self.response
+        if resp.complete:  # bytes after a HEAD response's head
             self._dirty = True
             return
-        if self._interim:  # llhttp reads a body for a 1xx other than 100-103: none may have one
+        if resp.interim:  # llhttp reads a body for a 1xx other than 100-103: none may have one
             # Raised, not just failed: it stops llhttp, so nothing after it is parsed.
             raise UpstreamError("reset", "invalid response from the upstream: a 1xx with a body")
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+        resp.chunks.append(body)
+        resp.buffered += len(body)
+        if resp.buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
-        self._interim = False
-        if self._head_done and not self.complete:
-            self._finish()
+        resp = self.response
+        resp.interim = False
+        if resp.head_done and not resp.complete:
+            resp.complete = True
             self._wake()
 
     # --- the exchange's side -------------------------------------------------------------------
 
-    def begin(self, *, head_only: bool) -> None:
+    def begin(self, *, head_only: bool) -> Response:
         """Start a new exchange on this (idle, open) connection."""
         if self._fresh_parser:
             self._parser = httptools.HttpResponseParser(self)
             self._fresh_parser = False
-        self._head_only = head_only
-        self.status = 0
-        self.reason = ""
-        self.headers = []
-        self._head_done = False
-        self._head_bytes = 0
-        self._interim = False
-        self._keep_alive = False
-        self.complete = False
+        self.response = Response(head_only=head_only)
+        return self.response
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -206,23 +214,27 @@ class Connection(asyncio.Protocol):
         if self._writing_paused and not self.closed:
             self._write_waiter = asyncio.get_running_loop().create_future()
             await self._write_waiter
-        if self.closed and not self.complete:
-            raise self._error or _closed_early()
+        resp = self.response
+        if self.closed and not resp.complete:
+            raise resp.error or _closed_early()
 
-    async def response_head(self) -> None:
-        while not self._head_done:
-            if self._error is not None:
-                raise self._error
+    async def response_head(self) -> Response:
+        resp = self.response
+        while not resp.head_done:
+            if resp.error is not None:
+                raise resp.error
             await self._wait()
+        return resp
 
     def read_nowait(self) -> bytes:
         """Whatever body bytes are buffered (``b""`` if none)."""
-        chunks = self._chunks
+        resp = self.response
+        chunks = resp.chunks
         if not chunks:
             return b""
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._buffered = 0
+        resp.buffered = 0
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -231,22 +243,23 @@ class Connection(asyncio.Protocol):
     @property
     def at_eof(self) -> bool:
         """The whole response has been received and read."""
-        return self.complete and not self._chunks
+        return self.response.complete and not self.response.chunks
 
     async def read(self) -> bytes:
         """The next body bytes; ``b""`` once the response is complete."""
-        while not self._chunks:
-            if self.complete:
+        resp = self.response
+        while not resp.chunks:
+            if resp.complete:
                 return b""
-            if self._error is not None:
-                raise self._error
+            if resp.error is not None:
+                raise resp.error
             await self._wait()
         return self.read_nowait()
 
     @property
     def reusable(self) -> bool:
-        return (self.complete and not self.closed and not self._dirty
-                and self._keep_alive)
+        resp = self.response
+        return resp.complete and not self.closed and not self._dirty and resp.keep_alive
 
     def close(self) -> None:
         """Abort the connection (the app sees it go away at once)."""
@@ -258,10 +271,11 @@ class Connection(asyncio.Protocol):
 
     def _until_close(self) -> bool:
         """The body has no length of its own: it ends when the app closes the connection."""
-        if self.status in (204, 304):
+        resp = self.response
+        if resp.status in (204, 304):
             return False
         length = coding = False
-        for name, value in self.headers:
+        for name, value in resp.headers:
             lname = name.lower()
             if lname == "content-length":
                 length = True
@@ -269,26 +283,25 @@ class Connection(asyncio.Protocol):
                 coding = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
         return not length and not coding
 
-    def _finish(self) -> None:
-        self.complete = True
-
     def _ended(self, exc: BaseException | None) -> None:
         self.closed = True
         if self.idle:
             self._on_idle_close(self)  # the pool forgets it (a no-op if the pool closed it)
             return
-        if exc is not None and not self.complete:  # a reset is not an end (RFC 9112 8)
+        resp = self.response
+        if exc is not None and not resp.complete:  # a reset is not an end (RFC 9112 8)
             self.fail(UpstreamError("reset", f"the upstream connection failed: {exc}"))
-        elif self._head_done and not self.complete and self._until_close():
-            self._finish()  # a body delimited by the connection close
-        elif not self.complete:
+        elif resp.head_done and not resp.complete and self._until_close():
+            resp.complete = True  # a body delimited by the connection close
+        elif not resp.complete:
             self.fail(_closed_early())
         self._wake()
 
     def fail(self, error: UpstreamError) -> None:
         """End the exchange with this error and close the connection."""
-        if self._error is None:
-            self._error = error
+        resp = self.response
+        if resp.error is None:
+            resp.error = error
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

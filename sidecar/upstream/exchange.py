@@ -2,37 +2,63 @@
 
 The request head is serialized once into bytes.  A body that is already fully
 received leaves in the same write as the head; any other body is streamed by a
-task, with flow control both ways (the client's side is aiohttp's
-``StreamReader``, the app's side ``Connection.drain()``), while the response is
-awaited: an app may answer before it has read the whole body.  A body without a
-Content-Length (the client sent it chunked) is sent chunked.
+task, with flow control both ways (the client's side is the ``Body``'s, the app's
+side ``Connection.drain()``), while the response is awaited: an app may answer
+before it has read the whole body.  A body without a Content-Length (the client
+sent it chunked) is sent chunked.
 
 The head waits for the first body byte: a client that announces a body and sends
-none never reaches the app.  When ``upstream.timeout`` fires while the exchange is
-waiting for the *client's* body (not for the app to read it), the failure is of
-kind ``client_timeout``: the client is the slow party and gets 408, not a 504.
+none never reaches the app.  The caller bounds the whole exchange (``upstream.timeout``)
+with ``asyncio.timeout``; when it fires, ``timeout_error()`` tells whether the exchange
+was waiting for the *client's* body (kind ``client_timeout``: the client is the slow
+party and gets 408, not a 504) or for the app.
 
-``relay()`` streams the answer into the client's response.  ``close()`` must
-follow every exchange: the connection goes back to the pool
-only after a complete response with the whole request sent; in every other case
-(an error, a timeout, a cancellation by the drain or by a client that went away)
-it is closed, so the app sees the disconnect at once.
+``relay()`` streams the answer into a ``Sink`` (the client's response).  ``close()``
+must follow every exchange: the connection goes back to the pool only after a
+complete response with the whole request sent; in every other case (an error, a
+timeout, a cancellation by the drain or by a client that went away) it is closed, so
+the app sees the disconnect at once.
+
+Neither side is an aiohttp type: ``Body`` is what aiohttp's ``StreamReader`` offers and
+``Sink`` what the front side wraps around its response, so the upstream leg is tested
+in-process with plain objects (tests/test_upstream_leg.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 
-from aiohttp import StreamReader, web
-
-from .connection import Connection, UpstreamError
+from .connection import Connection, Response, UpstreamError
 from .pool import Pool
 
-__all__ = ("Exchange", "request_head")
+__all__ = ("Body", "Exchange", "Sink", "request_head")
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+class Body(Protocol):
+    """A request body as it arrives from the client (aiohttp's ``StreamReader`` is one)."""
+
+    def read_nowait(self) -> bytes: ...
+    def at_eof(self) -> bool: ...
+    async def readany(self) -> bytes: ...
+
+
+class Sink(Protocol):
+    """Where the response goes: its head is held until the first body bytes."""
+
+    async def start(self) -> None:
+        """Prepare the head (not sent yet)."""
+
+    def flush_head(self) -> None:
+        """Send the head now: a stream with nothing to say yet."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self, data: bytes = b"") -> None:
+        """The last bytes and the end of the response."""
 
 
 def request_head(
@@ -56,43 +82,25 @@ def request_head(
 class Exchange:
     """``send()`` one request, ``relay()`` its response, and always ``close()``."""
 
-    __slots__ = ("_awaiting_client", "_expired", "_pool", "_sender", "_timeout", "_timer", "conn")
+    __slots__ = ("_pool", "_sender", "awaiting_client", "conn")
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.conn: Connection | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timeout = 0.0
-        self._expired = False
-        self._awaiting_client = False  # blocked on the client's request body
+        self.awaiting_client = False  # blocked on the client's request body
 
-    async def send(
-        self, head: bytes, body: StreamReader | None, *, chunked: bool, head_only: bool,
-        timeout: float | None, task: asyncio.Task[Any],
-    ) -> Connection:
-        """Send the request; return the connection once the response head is in.
-
-        ``timeout`` bounds the whole exchange, until ``close()``, with one timer: when
-        it fires, the exchange fails with an ``UpstreamError`` of kind ``timeout``
-        (``task``, the caller, is cancelled if it is still waiting for a connection).
-        """
-        if timeout is not None:
-            self._timeout = timeout
-            self._timer = task.get_loop().call_later(timeout, self._expire, task)
+    async def send(self, head: bytes, body: Body | None, *, chunked: bool,
+                   head_only: bool) -> Response:
+        """Send the request; return the response once its head is in."""
         data = b""
-        try:
-            if body is not None:
-                data = body.read_nowait()
-                if not data and not body.at_eof():  # the head waits for the body to start
-                    self._awaiting_client = True
-                    data = await body.readany()
-                    self._awaiting_client = False
-            conn = self.conn = await self._pool.acquire()
-        except asyncio.CancelledError:
-            if self._expired and task.uncancel() == 0:
-                raise self._timeout_error() from None
-            raise
+        if body is not None:
+            data = body.read_nowait()
+            if not data and not body.at_eof():  # the head waits for the body to start
+                self.awaiting_client = True
+                data = await body.readany()
+                self.awaiting_client = False
+        conn = self.conn = await self._pool.acquire()
         conn.begin(head_only=head_only)
         if body is None:
             conn.write(head)
@@ -101,33 +109,29 @@ class Exchange:
         else:
             conn.write(head + _frame(data, chunked))
             self._sender = asyncio.ensure_future(self._send_body(conn, body, chunked))
-        await conn.response_head()
-        return conn
+        return await conn.response_head()
 
-    async def relay(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    async def relay(self, sink: Sink) -> None:
         """Stream the response body to the client; the head leaves with the first bytes."""
         conn = self.conn
         assert conn is not None
-        writer = await resp.prepare(request)  # the head waits for the first body bytes
+        await sink.start()
         chunk = conn.read_nowait()
-        if conn.complete:  # the whole body is here: one write for head and body
+        if conn.response.complete:  # the whole body is here: one write for head and body
             self.close()
-            await resp.write_eof(chunk)
+            await sink.finish(chunk)
             return
         if chunk:
-            await resp.write(chunk)
-        elif writer is not None:  # a stream with nothing to say yet: the head goes now
-            writer.send_headers()
+            await sink.write(chunk)
+        else:  # a stream with nothing to say yet: the head goes now
+            sink.flush_head()
         while chunk := await conn.read():
-            await resp.write(chunk)
+            await sink.write(chunk)
         self.close()  # before the last write: the connection serves the next request sooner
-        await resp.write_eof()
+        await sink.finish()
 
     def close(self) -> None:
         """Return the connection to the pool if the exchange completed cleanly, else close it."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         conn = self.conn
         if conn is None:
             return
@@ -138,26 +142,19 @@ class Exchange:
             sender.cancel()
         self._pool.release(conn, reuse=sent and conn.at_eof)
 
-    def _expire(self, task: asyncio.Task[Any]) -> None:
-        self._timer = None
-        if self.conn is not None:
-            self.conn.fail(self._timeout_error())
-        else:  # still waiting for a connection
-            self._expired = True
-            task.cancel()
-
-    def _timeout_error(self) -> UpstreamError:
-        if self._awaiting_client:
+    def timeout_error(self, timeout: float) -> UpstreamError:
+        """What an exchange cut by ``upstream.timeout`` failed with, and whose fault it was."""
+        if self.awaiting_client:
             return UpstreamError("client_timeout",
-                                 f"the client sent no more of its request within {self._timeout:g}s")
-        return UpstreamError("timeout", f"no complete answer within {self._timeout:g}s")
+                                 f"the client sent no more of its request within {timeout:g}s")
+        return UpstreamError("timeout", f"no complete answer within {timeout:g}s")
 
-    async def _send_body(self, conn: Connection, body: StreamReader, chunked: bool) -> None:
+    async def _send_body(self, conn: Connection, body: Body, chunked: bool) -> None:
         try:
             while True:
-                self._awaiting_client = True
+                self.awaiting_client = True
                 data = await body.readany()
-                self._awaiting_client = False
+                self.awaiting_client = False
                 if not data:
                     break
                 conn.write(_frame(data, chunked))

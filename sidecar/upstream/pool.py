@@ -54,14 +54,6 @@ class Pool:
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
 
-    @property
-    def open(self) -> int:
-        return self._open
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
     async def acquire(self) -> Connection:
         while True:
             if self._closed:
