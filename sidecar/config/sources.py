@@ -61,9 +61,18 @@ def merge_file(
                     raw[name][key] = leaf
                 else:
                     hint = _suggest(key, list(schema[name]))
-                    problems.append(f"{name}.{key}: unknown key{hint}")
+                    problems.append(f"{_shown(f'{name}.{key}')}: unknown key{hint}")
         else:
-            problems.append(f"{name}: unknown key{_suggest(name, top_level)}")
+            problems.append(f"{_shown(name)}: unknown key{_suggest(name, top_level)}")
+
+
+_PLAIN = re.compile(r"[\w.\-]+")
+
+
+def _shown(name: str) -> str:
+    """A key as a problem line names it: quoted when it is not a plain word (``':'``,
+    ``'a b'``, ``''``), so the line still reads ``KEY: what is wrong``."""
+    return name if _PLAIN.fullmatch(name) else repr(name)
 
 
 def merge_env(
