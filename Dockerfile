@@ -4,7 +4,7 @@
 #   build:  docker build -t sidecar:0.1.0 .
 #   run:    docker run --read-only -p 8080:8080 -p 9901:9901 sidecar:0.1.0 --upstream http://app:8000
 # Everything after the image name is appended to `sidecar run` (e.g. `--listen`, or `-- CMD ...`
-# for wrap mode). Kubernetes manifests live in deploy/ (see the Kubernetes section of README.md).
+# for wrap mode). Kubernetes manifests live in deploy/ (see docs/kubernetes.md).
 
 ARG PYTHON_VERSION=3.11
 

@@ -44,7 +44,7 @@ def method(args: argparse.Namespace) -> list[str]:
          "gets SIGTERM once the front has exited (none: SIGTERM to the app at once): the best case for "
          "every front. **kubelet-parallel** = both containers are stopped in parallel, each after its "
          "own preStop hook, as the kubelet does: sidecar: SIGTERM to the sidecar at t=0 and the app's "
-         "preStop `GET /drain` (blocks until drained), then SIGTERM to the app (the README's wiring); "
+         "preStop `GET /drain` (blocks until drained), then SIGTERM to the app (the wiring of docs/kubernetes.md); "
          "traefik, caddy: SIGTERM to the front at t=0 (their own delay keeps them accepting for D, so "
          "no sleep is added in their container) and the app's preStop `sleep D`; nginx-sleep: "
          "`sleep D` in both containers; nginx: no hooks; none: the app's `sleep D`.\n"),

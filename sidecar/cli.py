@@ -35,7 +35,7 @@ def _run_epilog() -> str:
     from .config.sources import dotted, env_name
 
     lines = ["precedence: built-in defaults < config file < SIDECAR_* environment < flags",
-             "", "environment (each sets one config key; see config/sidecar.yaml and the README):"]
+             "", "environment (each sets one config key; see docs/configuration.md):"]
     for section, keys in SCHEMA.items():
         for key, (_, default) in keys.items():
             shown = "null" if default is None else default

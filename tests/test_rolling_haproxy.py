@@ -5,7 +5,8 @@ HAProxy, which health-checks each sidecar's ``/readyz`` on the admin port and ke
 connections to the sidecars alive.  Under steady keep-alive load, pod A is drained with
 SIGTERM while its replacement starts on a slot HAProxy already knows (a server on a
 pre-chosen port, DOWN until its health check passes); then pod B the same way.  The
-HAProxy config is the one the README tells users to write: no retry-on, no redispatch.
+HAProxy config is the one docs/kubernetes.md ("Behind a load balancer") tells users to
+write: no retry-on, no redispatch.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ REQUEST_MS = 20
 POD_CONFIG = {"drain": {"delay": "2s", "timeout": "10s", "grace_period": "20s"},
               "logging": {"format": "json", "level": "info"}}
 
-# The configuration the README recommends, with the test's ports filled in.
+# The configuration docs/kubernetes.md recommends, with the test's ports filled in.
 HAPROXY_CFG = """\
 global
     stats socket ipv4@127.0.0.1:{stats} level admin

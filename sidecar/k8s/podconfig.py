@@ -126,7 +126,7 @@ def workload_config(
     if config.admin_token is not None:
         raise ConfigError([
             ("admin_token: inject writes no secrets into manifests; leave it unset in --config "
-            "and give the injected container SIDECAR_ADMIN_TOKEN from a Secret (README, "
+            "and give the injected container SIDECAR_ADMIN_TOKEN from a Secret (docs/kubernetes.md, "
             "'Admin token'), with the same token in the app's preStop httpHeaders")])
     return config
 
