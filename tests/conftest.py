@@ -259,4 +259,4 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
 
 
 # The HTTP/2 tests' fixtures (the gRPC app), shared by their modules.
-from tests.grpc_fixtures import grpc_app, start_grpc_app  # noqa: F401, E402
+from tests.grpc_fixtures import grpc_app, start_grpc_app  # noqa: F401
