@@ -7,11 +7,12 @@ reaching the client."""
 from __future__ import annotations
 
 import aiohttp
-from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame
+import hpack
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
 
 from tests.conftest import Sidecar, StartSidecar, metric
 from tests.grpc_fixtures import GrpcApp, StartGrpcApp, sidecar_for
-from tests.h2client import RawH2
+from tests.h2client import RawH2, grpc_message
 
 MAX_ID = 2**31 - 1
 OURS = b"sidecar\x00"  # the drain PING's payload (the app sends PINGs of its own)
@@ -121,4 +122,41 @@ async def test_the_apps_goaway_reaches_the_client(
     assert answer["trailers"]["grpc-status"] == "0"
     await client.wait_eof(timeout=15)
     await sidecar.wait_log("the app sent GOAWAY")
+    await client.close()
+
+
+async def test_refused_stream_that_changed_the_hpack_table_does_not_desync_the_app(
+        start_sidecar: StartSidecar, grpc_app: GrpcApp) -> None:
+    """RFC 9113 §4.3: a refused stream's header block never reaches the app, but it added
+    ``x-new`` to the client's HPACK table.  The in-flight stream's trailers then name
+    ``x-first`` by its index in the client's table (63), an index the app's table does not
+    have: forwarded unchanged they would be a COMPRESSION_ERROR for the whole connection.
+    The sidecar re-encodes them, and the call completes."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {
+        "drain": {"delay": "500ms", "timeout": "10s"}})
+    client = await RawH2.open(sidecar.port)
+
+    def block(path: str, extra: tuple[str, str]) -> bytes:
+        plain = [(":method", "POST"), (":scheme", "http"), (":path", path),
+                 (":authority", "t"), ("content-type", "application/grpc"), ("te", "trailers")]
+        fields = [hpack.NeverIndexedHeaderTuple(n, v) for n, v in plain]
+        return client.encoder.encode([*fields[:4], extra, *fields[4:]])
+
+    client.send(HeadersFrame(1, data=block("/test.Echo/Upload", ("x-first", "1")),
+                             flags=["END_HEADERS"]),
+                DataFrame(1, data=grpc_message(b"abc")))
+    await grpc_app.wait_call("Upload", "start")
+    await trigger(sidecar)
+    await client.wait(lambda f: isinstance(f, GoAwayFrame) and f.last_stream_id == 1)
+    client.send(HeadersFrame(3, data=block("/test.Echo/Unary", ("x-new", "v")),
+                             flags=["END_HEADERS", "END_STREAM"]))
+    reset = await client.wait(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == 3)
+    assert reset.error_code == REFUSED_STREAM
+    assert client.encoder.header_table.search(b"x-first", b"1")[0] == 63  # x-new is 62
+    client.send(HeadersFrame(1, data=bytes([0x80 | 63]), flags=["END_HEADERS", "END_STREAM"]))
+    answer = await client.response(1)
+    assert answer["trailers"]["grpc-status"] == "0", client.summary()
+    assert b"1:3" in answer["data"]
+    assert [(g.last_stream_id, g.error_code) for g in client.of(GoAwayFrame)] == [
+        (MAX_ID, 0), (1, 0)]
     await client.close()
