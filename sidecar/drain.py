@@ -192,11 +192,13 @@ class Drain:
         stop_admission: Callable[[], Awaitable[None]],
         exit_upstream: Callable[[], Awaitable[dict[str, Any]]],
         spread_closes: Callable[[float], Awaitable[None]] | None = None,
+        at_trigger: Callable[[], None] | None = None,
     ) -> Summary:
         """Wait for a trigger, then drain:
 
-        1. ``draining``: readiness fails and every response carries Connection: close,
-           while requests are still forwarded, for ``drain.delay``; over its last
+        1. ``draining``: readiness fails and every response carries Connection: close
+           (``at_trigger`` tells HTTP/2 connections: GOAWAY and PING), while requests are
+           still forwarded, for ``drain.delay``; over its last
            ``drain.close_spread``, ``spread_closes(end)`` closes idle connections one by
            one until ``end`` (the event loop's clock), cancelled if the delay is cut short;
         2. ``closing``: stop admission (listener closed, idle connections closed,
@@ -208,6 +210,8 @@ class Drain:
         """
         await self._triggered.wait()
         assert self._started_at is not None
+        if at_trigger is not None:
+            at_trigger()
 
         spreading = asyncio.ensure_future(self._spread(spread_closes)) if spread_closes else None
         await _first_of(self._skip_delay.wait(), timeout=self._delay)

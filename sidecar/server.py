@@ -111,7 +111,7 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
 
     try:
         await drain.run(stop_admission=proxy.stop_admission, exit_upstream=tell_upstream,
-                        spread_closes=proxy.close_idle_gradually)
+                        spread_closes=proxy.close_idle_gradually, at_trigger=proxy.draining)
 
         # 4. Linger so a last scrape sees the final numbers; answer /drain callers; close.
         if config.drain.linger > 0:

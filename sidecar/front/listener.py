@@ -21,6 +21,9 @@ closed).  This module adds what a reverse proxy needs on top, without parsing an
   their answer (see ``_LOST_TAIL``).
 - A malformed request is one ``bad request`` log line at info level, not an error
   with a traceback: clients on the internet send garbage, the sidecar is fine.
+- A connection that opens with the HTTP/2 preface (prior knowledge, RFC 9113 §3.3) is
+  handed to ``h2`` before aiohttp parses a byte: only a connection's first bytes are
+  looked at, so the cost per HTTP/1.1 request is unchanged.
 
 Only aiohttp's public surface is used: ``web.Server`` with ``request_factory=``, our own
 protocol factory (``ClientServer`` is what ``loop.create_server`` calls), and
@@ -35,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -46,7 +49,12 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ("ClientConnection", "ClientServer", "ConnectionState")
+from .h2wire import PREFACE
+
+__all__ = ("ClientConnection", "ClientServer", "ConnectionState", "H2HandOff")
+
+# Takes over a connection that opened with the HTTP/2 preface: (transport, bytes read, client).
+H2HandOff = Callable[[asyncio.Transport, bytes, "str | None"], None]
 
 # Set on a request carrying an upgrade aiohttp does not support (``h2c``, anything but
 # websocket).  It is not honoured: ``Upgrade`` is hop-by-hop and the request goes on
@@ -131,8 +139,9 @@ class ClientServer:
     current and refuse what cannot be forwarded (see the module docstring)."""
 
     def __init__(self, handler: Handler, *, header_timeout: float, keepalive_timeout: float,
-                 handler_cancellation: bool = True) -> None:
+                 h2: H2HandOff | None = None, handler_cancellation: bool = True) -> None:
         self._forward = handler
+        self._h2 = h2
         self._header_timeout = header_timeout
         self._keepalive_timeout = keepalive_timeout
         self._loop = asyncio.get_running_loop()
@@ -149,7 +158,7 @@ class ClientServer:
         # inflate into a second request (and corrupts every compressed upload).
         return ClientConnection(self.server, loop=self._loop, header_timeout=self._header_timeout,
                                 keepalive_timeout=self._keepalive_timeout, access_log=None,
-                                auto_decompress=False)
+                                auto_decompress=False, h2=self._h2)
 
     def _build_request(
         self,
@@ -222,9 +231,11 @@ class ClientConnection(web.RequestHandler):
     request-head deadline."""
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
-                 header_timeout: float, **kwargs: Any) -> None:
+                 header_timeout: float, h2: H2HandOff | None = None, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self.state = ConnectionState()
+        self._h2 = h2
+        self._first: bytes | None = b"" if h2 is not None else None  # until told h2 or not
         self._timer_loop = loop
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
@@ -239,6 +250,10 @@ class ClientConnection(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._first is not None:  # the connection's first bytes: HTTP/2 or HTTP/1.1?
+            data = self._sniff(data)
+            if not data:
+                return
         state = self.state
         heads, idle = state.heads, not state.busy and not state.receiving_head
         state.feed(data)  # before aiohttp wakes the handler: the head is known as it is parsed
@@ -250,6 +265,27 @@ class ClientConnection(web.RequestHandler):
         elif idle and state.requests and data:  # the first bytes of the next request
             self._arm_head_timer()
             self._head_bytes = len(data)
+
+    def _sniff(self, data: bytes) -> bytes:
+        """Return what aiohttp is to parse: nothing while the bytes could still be the
+        HTTP/2 preface (which may come in pieces), and nothing once it came whole, since
+        the connection is then handed over (aiohttp forgets it through its own
+        ``connection_lost``, with the transport taken away so it is not closed)."""
+        assert self._first is not None
+        seen = self._first + data
+        if seen[:len(PREFACE)] != PREFACE[:len(seen)]:
+            self._first = None
+            return seen
+        if len(seen) < len(PREFACE):
+            self._first = seen
+            return b""
+        self._first = None
+        transport, peer = cast(asyncio.Transport, self.transport), _peer(self.peername)
+        assert transport is not None and self._h2 is not None
+        self.transport = None
+        self.connection_lost(None)
+        self._h2(transport, seen, peer)
+        return b""
 
     def request_started(self) -> None:
         """The request factory ran: a request's handling begins."""

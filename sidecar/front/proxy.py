@@ -28,6 +28,8 @@ from ..upstream.exchange import Exchange, request_head
 from ..upstream.pool import Pool
 from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
 from .connections import Connections
+from .h2 import H2Connection
+from .h2hub import H2Hub
 from .headers import request_headers, response_headers, transfer_codings
 from .listener import ClientConnection, ClientServer
 from .responses import (
@@ -85,8 +87,9 @@ class Proxy:
         self._listener: asyncio.AbstractServer | None = None
         self._closing: set[asyncio.Future[bool]] = set()
         self.websockets: set[web.WebSocketResponse] = set()
+        self._h2 = H2Hub(config, drain=drain, metrics=metrics, factory=H2Connection)
         self.web_server = ClientServer(
-            self.handle, header_timeout=config.client.header_timeout,
+            self.handle, header_timeout=config.client.header_timeout, h2=self._h2.accept,
             keepalive_timeout=config.client.idle_timeout,
         )
         self._connections = Connections(self.web_server, in_flight=self._in_flight)
@@ -102,6 +105,11 @@ class Proxy:
         gc.freeze()
         self._session = websocket_session(up, idle_timeout=UPSTREAM_IDLE)
 
+    def draining(self) -> None:
+        """At the trigger: HTTP/2 connections learn of the drain (GOAWAY(2^31-1), PING);
+        HTTP/1.1 ones through the Connection: close of their next answer."""
+        self._h2.draining()
+
     async def listen(self) -> int:
         """Bind the proxy listener; return the port (useful with port 0)."""
         addr = self._config.listen
@@ -112,13 +120,14 @@ class Proxy:
 
     @property
     def connections(self) -> int:
-        return len(self.web_server.connections)
+        return len(self.web_server.connections) + len(self._h2)
 
     async def stop_admission(self) -> None:
         """Stop accepting (without resetting what the accept queue holds), close connections
         with no request in progress, end websockets."""
         if self._listener is not None:
             await self._connections.close_listener(self._listener)
+        self._h2.closing()  # final GOAWAYs; streams opened from now on are refused
         self.close_idle()
         if self._websockets_close:
             for ws in list(self.websockets):
@@ -141,6 +150,7 @@ class Proxy:
         return {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
 
     async def close(self) -> None:
+        self._h2.close()
         for conn in self.web_server.connections:
             conn.force_close()
         if self._pool is not None:
