@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from aiohttp.web import RequestHandler
 
-from .listener import ClientConnection, ClientServer, ConnectionState
+from .listener import ClientConnection, ClientServer
+from .state import ConnectionState
 
 __all__ = ("Connections",)
 

@@ -1,114 +1,60 @@
-"""Forwarding: one request or websocket, streamed both ways, tracked as a Flight.
+"""The proxy port: its listener, its client connections and their end at admission stop.
 
-The proxy listener is aiohttp's low-level ``web.Server`` (no router, no
-middlewares) bound with ``loop.create_server`` so the server socket is ours to
-close when admission stops.  HTTP requests go to the app over our own keep-alive
-pool (``pool``, ``exchange``, ``connection``: lean asyncio protocols, responses
-parsed by httptools); websockets go through an aiohttp ``ClientSession``.
+The listener is bound with ``loop.create_server`` so the server socket is ours to close
+when admission stops; its protocol factory (``ClientServer``) gives each connection to
+aiohttp (HTTP/1.1, websockets; the requests go to ``Forwarder.handle``) or, when it opens
+with the HTTP/2 preface, to the ``H2Hub``.  The drain drives it through ``draining``,
+``close_idle_gradually``, ``stop_admission`` and ``close``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-from time import monotonic
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from ..config import Config
-from ..drain import Drain, Flight
-from ..log import log_access
+from ..drain import Drain
 from ..metrics import Metrics
-from ..upstream.connection import UpstreamError
-from ..upstream.exchange import Exchange, request_head
-from ..upstream.pool import Pool
-from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
 from .connections import Connections
+from .forward import Forwarder, RequestFlight
 from .h2 import H2Connection
 from .h2hub import H2Hub
-from .headers import request_headers, response_headers, transfer_codings
-from .listener import ClientConnection, ClientServer
-from .responses import (
-    ClientSink,
-    ProxyResponse,
-    describe_error,
-    rejection,
-    request_timeout,
-    upstream_error,
-    upstream_error_kind,
-)
-from .websocket import relay_websocket
+from .listener import ClientServer
 
 __all__ = ("Proxy",)
 
-CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer was complete"
-# Idle pooled upstream connections are dropped before common app servers drop them
-# (uvicorn 5 s, node 5 s), so a request is not sent on a socket the app is closing.
-UPSTREAM_IDLE = 4.0
-
-
-class _RequestFlight(Flight):
-    __slots__ = ("request",)
-
-    def __init__(self, request: web.BaseRequest, started: float) -> None:
-        super().__init__(request.method, request.raw_path, started)
-        self.request = request
-
-    def abort(self) -> None:
-        """Cut the client connection; the handler task is cancelled, and the upstream
-        request with it."""
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
-        self.request.task.cancel()
-
 
 class Proxy:
-    """The proxy listener and the upstream client, wired to the drain."""
+    """The proxy listener and its connections, wired to the drain."""
 
     def __init__(self, config: Config, *, drain: Drain, metrics: Metrics) -> None:
         self._config = config
         self._drain = drain
-        self._metrics = metrics
         self._loop = asyncio.get_running_loop()
-        up = config.upstream
-        self._base = base_url(up)
-        self._exchange_timeout = up.timeout or None
-        self._host = host_header(up)
-        self._pool: Pool | None = None
-        self._retry_after = str(config.drain.retry_after)
-        self._access_log = config.logging.access_log
         self._websockets_close = config.drain.websockets == "close"
-        self._session: aiohttp.ClientSession | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._closing: set[asyncio.Future[bool]] = set()
-        self.websockets: set[web.WebSocketResponse] = set()
+        self._forwarder = Forwarder(config, drain=drain, metrics=metrics)
         self._h2 = H2Hub(config, drain=drain, metrics=metrics, factory=H2Connection)
         self.web_server = ClientServer(
-            self.handle, header_timeout=config.client.header_timeout, h2=self._h2.accept,
-            keepalive_timeout=config.client.idle_timeout,
+            self._forwarder.handle, header_timeout=config.client.header_timeout,
+            h2=self._h2.accept, keepalive_timeout=config.client.idle_timeout,
         )
         self._connections = Connections(self.web_server, in_flight=self._in_flight)
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    @property
+    def websockets(self) -> set[web.WebSocketResponse]:
+        return self._forwarder.websockets
 
     async def start(self) -> None:
-        up = self._config.upstream
-        self._pool = upstream_pool(up, idle_timeout=UPSTREAM_IDLE)
+        self._forwarder.open()
         # What exists now (modules, config, metrics) lives as long as the process: keep it
         # out of the collector's way, so a full collection under load does not scan it
         # (measured under wrk: worst pause 34 ms -> 5 ms).
         gc.freeze()
-        self._session = websocket_session(up, idle_timeout=UPSTREAM_IDLE)
-
-    def draining(self) -> None:
-        """At the trigger: HTTP/2 connections learn of the drain (GOAWAY(2^31-1), PING);
-        HTTP/1.1 ones through the Connection: close of their next answer."""
-        self._h2.draining()
 
     async def listen(self) -> int:
         """Bind the proxy listener; return the port (useful with port 0)."""
@@ -121,6 +67,16 @@ class Proxy:
     @property
     def connections(self) -> int:
         return len(self.web_server.connections) + len(self._h2)
+
+    def draining(self) -> None:
+        """At the trigger: HTTP/2 connections learn of the drain (GOAWAY(2^31-1), PING);
+        HTTP/1.1 ones through the Connection: close of their next answer."""
+        self._h2.draining()
+
+    async def close_idle_gradually(self, until: float) -> None:
+        """While ``draining``: close idle keep-alive connections one by one until ``until``
+        (the close spread's window, set by the drain; see ``Connections``)."""
+        await self._connections.close_idle_gradually(until=until)
 
     async def stop_admission(self) -> None:
         """Stop accepting (without resetting what the accept queue holds), close connections
@@ -141,170 +97,11 @@ class Proxy:
         """Close connections with no request in progress (silent fresh ones after a grace)."""
         self._connections.close_idle()
 
-    async def close_idle_gradually(self, until: float) -> None:
-        """While ``draining``: close idle keep-alive connections one by one until ``until``
-        (the close spread's window, set by the drain; see ``Connections``)."""
-        await self._connections.close_idle_gradually(until=until)
-
     def _in_flight(self) -> set[web.RequestHandler]:
-        return {f.request.protocol for f in self._drain.flights() if isinstance(f, _RequestFlight)}
+        return {f.request.protocol for f in self._drain.flights() if isinstance(f, RequestFlight)}
 
     async def close(self) -> None:
         self._h2.close()
         for conn in self.web_server.connections:
             conn.force_close()
-        if self._pool is not None:
-            self._pool.close()
-        if self._session is not None:
-            await self._session.close()
-
-    # --- one request ---------------------------------------------------------------------------
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        drain = self._drain
-        if not drain.forwarding:
-            return self._reject(request, "draining" if drain.triggered else "starting")
-
-        started = monotonic()  # not loop.time(): uvloop's clock ticks in whole milliseconds
-        flight = _RequestFlight(request, started)
-        drain.add(flight)
-        status = CLIENT_CLOSED
-        resp: web.StreamResponse | None = None
-        try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                resp, status = await self._websocket(request)
-            else:
-                resp, status = await self._forward(request)
-            return resp
-        finally:
-            drain.done(flight)
-            if not drain.admitting and resp is not None and not _queued(request):
-                # Admission has stopped: the connection ends with this response.
-                resp.force_close()
-            elapsed = monotonic() - started
-            self._metrics.request_done(request.method, status, elapsed)
-            if self._access_log:
-                log_access(request.method, request.raw_path, status, elapsed, request.remote)
-
-    def _reject(self, request: web.BaseRequest, reason: str) -> web.Response:
-        if reason == "draining":
-            self._metrics.rejected_draining.inc()
-            self._drain.rejected()
-        else:
-            self._metrics.rejected_starting.inc()
-        self._metrics.request_done(request.method, 503, 0.0)  # answered, so counted too
-        if self._access_log:
-            log_access(request.method, request.raw_path, 503, 0.0, request.remote)
-        return rejection(reason, self._retry_after)
-
-    def _target(self, request: web.BaseRequest) -> str:
-        target = request.raw_path
-        if not target.startswith("/"):  # absolute-form request target
-            target = URL(target).raw_path_qs
-        return target
-
-    def _url(self, request: web.BaseRequest) -> URL:
-        return URL(self._base + self._target(request), encoded=True)
-
-    async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
-        pool = self._pool
-        assert pool is not None
-        body = None
-        if request.body_exists:
-            body = request.content
-            if (request.headers.get("Expect", "").lower() == "100-continue"
-                    and request.version >= aiohttp.HttpVersion11):  # RFC 9110 15.2: no 1xx to 1.0
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        method = request.method
-        received = request.headers
-        has_length = "Content-Length" in received
-        head = request_head(
-            method, self._target(request), request_headers(received, client=request.remote),
-            host=None if "Host" in received else self._host, body=body is not None,
-            has_length=has_length,
-        )
-        chunked = body is not None and not has_length
-        exchange = Exchange(pool)
-        resp: ProxyResponse | None = None
-        try:
-            async with asyncio.timeout(self._exchange_timeout):
-                up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
-                resp = ProxyResponse(status=up.status, reason=up.reason)
-                resp.headers.extend(response_headers(up.headers))
-                resp.codings = transfer_codings(up.headers)
-                if self._drain.triggered:
-                    resp.force_close()
-                await exchange.relay(ClientSink(request, resp))
-            return resp, up.status
-        except (UpstreamError, TimeoutError) as err:
-            exc = err if isinstance(err, UpstreamError) else exchange.timeout_error(
-                self._exchange_timeout or 0.0)
-            if exc.kind == "client_timeout":  # the client, not the app, is the slow party
-                logger.info("client timeout", extra={"fields": {"error": str(exc)}})
-                if resp is not None and resp.prepared:
-                    _cut(request)
-                    return resp, resp.status
-                return request_timeout(), 408
-            if resp is None or not resp.prepared:
-                error = self._error_response(exc)
-                return error, error.status
-            # Headers are out: cut the connection so the client never takes a truncated
-            # body for a complete one.
-            self._upstream_failed(exc)
-            _cut(request)
-            return resp, resp.status
-        except aiohttp.ClientConnectionResetError:  # the client went away during the answer
-            if resp is None:
-                raise
-            _cut(request)
-            return resp, CLIENT_CLOSED
-        finally:
-            exchange.close()  # a no-op after a complete exchange; else the app sees a disconnect
-
-    def _upstream_failed(self, exc: BaseException) -> str:
-        """Count and log a failed exchange; return its kind."""
-        kind = upstream_error_kind(exc)
-        self._metrics.upstream_errors.labels(kind).inc()
-        error = describe_error(exc, self._exchange_timeout or 0.0)[:300]
-        logger.warning("upstream error", extra={"fields": {"kind": kind, "error": error}})
-        return kind
-
-    def _error_response(self, exc: BaseException) -> web.Response:
-        resp = upstream_error(self._upstream_failed(exc))
-        if self._drain.triggered:
-            resp.force_close()
-        return resp
-
-    async def _websocket(self, request: web.BaseRequest) -> tuple[web.StreamResponse, int]:
-        session = self._session
-        assert session is not None
-        headers = CIMultiDict(request_headers(request.headers, client=request.remote))
-        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-                     "Sec-WebSocket-Protocol", "Content-Length"):
-            headers.popall(name, None)
-        try:
-            return await relay_websocket(
-                request, session, self._url(request), headers,
-                track=self.websockets,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if isinstance(exc, aiohttp.WSServerHandshakeError):
-                resp = web.Response(status=exc.status, text=f"{exc.status} {exc.message}\n")
-                return resp, exc.status
-            resp = self._error_response(exc)
-            return resp, resp.status
-
-
-logger = logging.getLogger("sidecar")
-
-
-def _queued(request: web.BaseRequest) -> bool:
-    """A pipelined request waits behind this one on its connection."""
-    conn = request.protocol
-    return isinstance(conn, ClientConnection) and conn.state.queued
-
-
-def _cut(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+        await self._forwarder.close()
