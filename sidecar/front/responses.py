@@ -30,6 +30,15 @@ class ProxyResponse(web.StreamResponse):
     so a head that has any is serialized here, byte for byte.  ``codings`` are the
     app's transfer codings other than chunked (a body still coded): the client is
     told ``Transfer-Encoding: <codings>, chunked``.
+
+    The one place the sidecar touches aiohttp's private names, on purpose: aiohttp has
+    no public way to (1) not add ``Content-Type``/``Server`` (``_prepare_headers``),
+    (2) hold the head for the first body bytes (``_send_headers_immediately``), or
+    (3) write header bytes that are not UTF-8 (``_write_headers``, ``_payload_writer``,
+    ``_req`` and the writer's ``_headers_buf``).  The alternative is to own the whole
+    HTTP/1.1 response writer (framing, keep-alive, HEAD/1xx/204/304 rules) beside
+    aiohttp's; CI runs the suite on the floor and the newest aiohttp the range allows
+    (``.ci/run``), and tests/test_framing.py fails if any of the three stops working.
     """
 
     _send_headers_immediately = False
