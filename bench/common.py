@@ -199,14 +199,16 @@ def sidecar_revision() -> str:
     return f"{br} {rev}" if br else rev
 
 
-def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, int, int]:
+def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str],
+                  root: str | None = None) -> tuple[Proc, int, int]:
     """`python -m sidecar run` (not wrap mode, so it runs on uvloop) in front of the upstream.
 
-    The code comes from SIDECAR["root"] (see select_sidecar)."""
+    The code comes from ``root``, else SIDECAR["root"] (see select_sidecar)."""
     port, admin = free_port(), free_port()
     argv = [SIDECAR["python"], "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
-    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env={"PYTHONPATH": SIDECAR["root"], **env})
+    p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"),
+             env={"PYTHONPATH": root or SIDECAR["root"], **env})
     p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast")
     return p, port, admin
 

