@@ -103,7 +103,7 @@ class H2Connection(AppSide):
             stop = pos + 9 + length
             if stop > end:
                 break
-            if ftype == w.DATA and self._cblock is None:
+            if ftype == w.DATA and self._cblock is None and self._greeted:
                 if self._dropped and sid in self._dropped:  # its stream never reached the app
                     aq.append(data[start:pos])
                     self._drop_data(sid, flags, length)
