@@ -12,7 +12,8 @@ from ..config import UpstreamConfig
 from .pool import Pool
 
 __all__ = (
-    "base_url", "connect_once", "connector", "host_header", "upstream_pool", "websocket_session",
+    "base_url", "connect_once", "connector", "host_header", "open_stream", "upstream_pool",
+    "websocket_session",
 )
 
 
@@ -55,10 +56,17 @@ def connector(up: UpstreamConfig, **options: Any) -> aiohttp.BaseConnector:
 
 async def connect_once(up: UpstreamConfig, timeout: float) -> None:
     """Open and close one connection; raises OSError or TimeoutError if the app is not there."""
+    _, writer = await open_stream(up, timeout)
+    writer.close()
+
+
+async def open_stream(
+    up: UpstreamConfig, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One connection as asyncio streams (the gRPC health probe); OSError or TimeoutError."""
     if up.unix_path:
         opening = asyncio.open_unix_connection(up.unix_path)
     else:
         url = URL(up.url)
         opening = asyncio.open_connection(url.host, url.port)
-    _, writer = await asyncio.wait_for(opening, timeout)
-    writer.close()
+    return await asyncio.wait_for(opening, timeout)
