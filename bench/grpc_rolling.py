@@ -215,14 +215,14 @@ def scenario(front: str, app_kind: str, rnd: int, tmp: str, args: argparse.Names
 def report(args: argparse.Namespace, results: list[dict], versions: dict, elapsed: float, cmd: str) -> str:
     lines = [
         "# gRPC: a pod stopped under load, with each front as the pod's proxy", "",
-        f"`{cmd}`, {elapsed / 60:.1f} min. One grpcio channel, round-robin over two pods, "
+        (f"`{cmd}`, {elapsed / 60:.1f} min. One grpcio channel, round-robin over two pods, "
         f"retries off; {args.workers} threads of unary calls, {args.slow_share:.0%} of them "
         f"{args.slow_ms:g} ms, the rest {args.fast_ms:g} ms; pod A stopped as the kubelet does "
         f"after {args.warmup:g} s (preStop, then the stop signal; D = {args.delay:g} s, "
         f"grace G = {args.grace:g} s, SIGKILL at {args.grace_period:g} s), load on for "
-        f"{args.tail:g} s more. See the header of `bench/grpc_rolling.py` for each front's setup.", "",
-        "**failed** = calls that ended with a gRPC status other than OK (by code); **LOST** = "
-        "calls an app started that the client did not get OK; per round, separated by `/`.", "",
+        f"{args.tail:g} s more. See the header of `bench/grpc_rolling.py` for each front's setup."), "",
+        ("**failed** = calls that ended with a gRPC status other than OK (by code); **LOST** = "
+         "calls an app started that the client did not get OK; per round, separated by `/`."), "",
         "| front | app | calls | failed | LOST | duplicates |", "|---|---|---|---|---|---|"]
     for front in dict.fromkeys(r["front"] for r in results):
         for app in dict.fromkeys(r["app"] for r in results):
