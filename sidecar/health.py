@@ -25,8 +25,8 @@ from yarl import URL
 from .config import UpstreamConfig
 from .log import logger
 from .metrics import Metrics
-from .upstream.grpc_health import GrpcUnhealthy, check_grpc_health
-from .upstream.reach import base_url, connect_once, connector, host_header, open_stream
+from .upstream.grpc_health import GrpcHealthCall, GrpcUnhealthy
+from .upstream.reach import base_url, connect_once, connector, dial, host_header
 
 __all__ = ("Health", "something_answers")
 
@@ -85,16 +85,16 @@ class Health:
     async def _grpc(self, service: str) -> None:
         """The gRPC health call on a fresh h2c connection, bounded like the GET."""
         up = self._upstream
-        reader, writer = await open_stream(up, up.connect_timeout)
+        call = GrpcHealthCall(service=service, authority=host_header(up))
+        transport = await dial(up, lambda: call)
         timeout = max(up.health_interval, 1.0)
         try:
-            await asyncio.wait_for(check_grpc_health(
-                reader, writer, service=service, authority=host_header(up)), timeout)
+            await asyncio.wait_for(call.result(), timeout)
         except TimeoutError:
             raise GrpcUnhealthy(f"grpc.health.v1.Health/Check: no answer within {timeout:g} s"
                                 ) from None
         finally:
-            writer.close()
+            transport.close()
 
     def _describe(self, exc: BaseException) -> str:
         """A short human account of a failed probe (not a Python repr)."""

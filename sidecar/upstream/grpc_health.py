@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -31,7 +32,7 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
-__all__ = ("GrpcUnhealthy", "check_grpc_health", "decode_response", "encode_request")
+__all__ = ("GrpcHealthCall", "GrpcUnhealthy", "decode_response", "encode_request")
 
 PATH = "/grpc.health.v1.Health/Check"
 SERVING = 1
@@ -85,56 +86,86 @@ def decode_response(body: bytes) -> int:
     return status
 
 
-async def check_grpc_health(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, service: str, authority: str,
-) -> None:
-    """Make the call on an open connection; return if SERVING, else raise ``GrpcUnhealthy``.
+class GrpcHealthCall(asyncio.Protocol):
+    """One connection making one Health/Check call; ``result()`` returns if SERVING, else
+    raises ``GrpcUnhealthy``.  The caller dials it, bounds the time and closes the transport."""
 
-    The caller bounds the time and closes the connection.
-    """
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [
-        (":method", "POST"), (":scheme", "http"), (":path", PATH), (":authority", authority),
-        ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", "sidecar-health"),
-    ])
-    conn.send_data(sid, encode_request(service), end_stream=True)
-    writer.write(conn.data_to_send())
-    head: dict[str, str] = {}
-    trailers: dict[str, str] = {}
-    body = bytearray()
-    first = b""  # what the app sent first, to name an app that does not speak HTTP/2
-    ended = False
-    while not ended:
-        data = await reader.read(65536)
-        if not data:
-            raise GrpcUnhealthy(_not_h2(first) if not head else
-                                f"the app closed the connection during {PATH}")
-        first = first or data
+    def __init__(self, *, service: str, authority: str) -> None:
+        self._service = service
+        self._authority = authority
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self._transport: asyncio.Transport | None = None
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sid = 0
+        self._head: dict[str, str] = {}
+        self._trailers: dict[str, str] = {}
+        self._body = bytearray()
+        self._first = b""  # what the app sent first, to name an app that does not speak HTTP/2
+
+    async def result(self) -> None:
+        await self._done
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        conn = self._conn
+        conn.initiate_connection()
+        self._sid = conn.get_next_available_stream_id()
+        conn.send_headers(self._sid, [
+            (":method", "POST"), (":scheme", "http"), (":path", PATH),
+            (":authority", self._authority), ("content-type", "application/grpc"),
+            ("te", "trailers"), ("user-agent", "sidecar-health"),
+        ])
+        conn.send_data(self._sid, encode_request(self._service), end_stream=True)
+        self._transport.write(conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        if self._done.done():
+            return
+        self._first = self._first or data
         try:
-            events = conn.receive_data(data)
+            events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError:
-            raise GrpcUnhealthy(_not_h2(first)) from None
+            return self._fail(_not_h2(self._first))
         for event in events:
-            if isinstance(event, h2.events.ResponseReceived):
-                head = {str(k): str(v) for k, v in event.headers}
-            elif isinstance(event, h2.events.TrailersReceived):
-                trailers = {str(k): str(v) for k, v in event.headers}
-            elif isinstance(event, h2.events.DataReceived):
-                body += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, sid)
-            elif isinstance(event, h2.events.StreamEnded):
-                ended = True
-            elif isinstance(event, h2.events.StreamReset):
-                raise GrpcUnhealthy(f"the app reset {PATH} ({_h2_error(event.error_code)})")
-            elif isinstance(event, h2.events.ConnectionTerminated) and (
-                    event.last_stream_id is None or event.last_stream_id < sid):
-                raise GrpcUnhealthy(f"the app refused {PATH} with GOAWAY "
-                                    f"({_h2_error(event.error_code)})")
-        writer.write(conn.data_to_send())
-    _judge(head, trailers, bytes(body), service)
+            self._on_event(event)
+        if self._transport is not None and not self._done.done():
+            self._transport.write(self._conn.data_to_send())
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(_not_h2(self._first) if not self._head
+                   else f"the app closed the connection during {PATH}")
+
+    # --- h2 events ----------------------------------------------------------------------------
+
+    def _on_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            self._head = {str(k): str(v) for k, v in event.headers}
+        elif isinstance(event, h2.events.TrailersReceived):
+            self._trailers = {str(k): str(v) for k, v in event.headers}
+        elif isinstance(event, h2.events.DataReceived):
+            self._body += event.data
+            self._conn.acknowledge_received_data(event.flow_controlled_length, self._sid)
+        elif isinstance(event, h2.events.StreamEnded):
+            try:
+                _judge(self._head, self._trailers, bytes(self._body), self._service)
+            except GrpcUnhealthy as exc:
+                self._fail(str(exc))
+            else:
+                if not self._done.done():
+                    self._done.set_result(None)
+        elif isinstance(event, h2.events.StreamReset):
+            self._fail(f"the app reset {PATH} ({_h2_error(event.error_code)})")
+        elif isinstance(event, h2.events.ConnectionTerminated) and (
+                event.last_stream_id is None or event.last_stream_id < self._sid):
+            self._fail(f"the app refused {PATH} with GOAWAY ({_h2_error(event.error_code)})")
+
+    def _fail(self, reason: str) -> None:
+        if not self._done.done():
+            self._done.set_exception(GrpcUnhealthy(reason))
 
 
 def _judge(head: dict[str, str], trailers: dict[str, str], body: bytes, service: str) -> None:

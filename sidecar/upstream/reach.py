@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -12,8 +13,7 @@ from ..config import UpstreamConfig
 from .pool import Pool
 
 __all__ = (
-    "base_url", "connect_once", "connector", "host_header", "open_stream", "upstream_pool",
-    "websocket_session",
+    "base_url", "connect_once", "connector", "dial", "host_header", "upstream_pool", "websocket_session",
 )
 
 
@@ -56,17 +56,23 @@ def connector(up: UpstreamConfig, **options: Any) -> aiohttp.BaseConnector:
 
 async def connect_once(up: UpstreamConfig, timeout: float) -> None:
     """Open and close one connection; raises OSError or TimeoutError if the app is not there."""
-    _, writer = await open_stream(up, timeout)
-    writer.close()
-
-
-async def open_stream(
-    up: UpstreamConfig, timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """One connection as asyncio streams (the gRPC health probe); OSError or TimeoutError."""
     if up.unix_path:
         opening = asyncio.open_unix_connection(up.unix_path)
     else:
         url = URL(up.url)
         opening = asyncio.open_connection(url.host, url.port)
-    return await asyncio.wait_for(opening, timeout)
+    _, writer = await asyncio.wait_for(opening, timeout)
+    writer.close()
+
+
+async def dial(up: UpstreamConfig, factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport:
+    """Open one connection to the app with ``factory``'s protocol, within
+    ``upstream.connect_timeout``; raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    if up.unix_path:
+        opening = loop.create_unix_connection(factory, up.unix_path)
+    else:
+        url = URL(up.url)
+        opening = loop.create_connection(factory, url.host or "", url.port or 80)
+    transport, _ = await asyncio.wait_for(opening, up.connect_timeout or None)
+    return transport
