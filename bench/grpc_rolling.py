@@ -3,8 +3,10 @@
 
 Two "pods" on loopback, each a front (the proxy under test, h2c both ways) plus a grpcio app
 (tests/apps/grpc_app.py); ONE grpcio channel balances round-robin over the two fronts
-(`ipv4:127.0.0.1:P1,127.0.0.1:P2`, as a gRPC client does over a headless Service), retries OFF
-so every failure is seen.  --workers threads make unary calls with unique ids, a share
+(`ipv4:127.0.0.1:P1,127.0.0.1:P2`, as a gRPC client does over a headless Service), with gRPC's
+default retry behaviour: no retry policy, so a call that reached a server and failed is a failure;
+only a call that never left the client (a stream not yet started when a GOAWAY arrived) is
+retried once, transparently (--no-transparent-retry turns that off too).  --workers threads make unary calls with unique ids, a share
 --slow-share of them slow (--slow-ms); the apps log each id as they start it.  After --warmup s,
 pod A is stopped the way the kubelet stops a pod: every container's preStop hook, then SIGTERM
 (the front's stop signal) to that container, the containers in parallel; SIGKILL at
@@ -15,11 +17,12 @@ Fronts (--fronts), all with the same drain delay D (--delay) and grace G (--grac
            sidecar container: SIGTERM at t=0; app container: preStop GET /drain (blocks until
            drained), then SIGTERM (the documented wiring)
   traefik  Traefik 3, h2c:// service, lifeCycle requestAcceptGraceTimeout D, graceTimeOut G;
-           preStop `sleep D` in both containers, then SIGTERM
+           SIGTERM at t=0 (its own delay keeps it accepting for D); the app: preStop `sleep D`,
+           then SIGTERM (as bench/rolling.py's kubelet-parallel mode)
   caddy    Caddy 2, protocols h1 h2c, reverse_proxy h2c://, shutdown_delay D, grace_period G;
-           preStop `sleep D` in both, then SIGTERM
+           stopped like Traefik
   nginx    nginx 1 worker, listen http2, grpc_pass, worker_shutdown_timeout G; preStop `sleep D`
-           in both, then SIGQUIT (graceful; the official image's STOPSIGNAL)
+           in both containers, then SIGQUIT (graceful; the official image's STOPSIGNAL)
   haproxy  HAProxy, bind/server proto h2, hard-stop-after G; preStop `sleep D` in both, then
            SIGUSR1 (soft-stop, as its docs advise)
   none     the channel straight to the apps; preStop `sleep D`, then SIGTERM
@@ -104,8 +107,8 @@ def stop_pod(pod: Pod, front: str, args: argparse.Namespace) -> dict:
     def front_container() -> None:
         if pod.front is None:
             return
-        if front != "sidecar":
-            time.sleep(args.delay)  # preStop: sleep D
+        if front in ("nginx", "haproxy"):
+            time.sleep(args.delay)  # preStop: sleep D (Traefik and Caddy have a delay of their own)
         pod.front.send_signal(STOP_SIGNAL.get(front, signal.SIGTERM))
 
     def app_container() -> None:
@@ -147,8 +150,10 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> list[threading.Thread]:
-        channel = grpc.insecure_channel(self.target, options=[
-            ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)])
+        options = [("grpc.lb_policy_name", "round_robin")]
+        if self.args.no_transparent_retry:
+            options.append(("grpc.enable_retries", 0))
+        channel = grpc.insecure_channel(self.target, options=options)
         hold = channel.unary_unary("/test.Echo/Hold")
         grpc.channel_ready_future(channel).result(timeout=10)
 
@@ -216,7 +221,10 @@ def report(args: argparse.Namespace, results: list[dict], versions: dict, elapse
     lines = [
         "# gRPC: a pod stopped under load, with each front as the pod's proxy", "",
         (f"`{cmd}`, {elapsed / 60:.1f} min. One grpcio channel, round-robin over two pods, "
-        f"retries off; {args.workers} threads of unary calls, {args.slow_share:.0%} of them "
+         + ("no retries at all (`grpc.enable_retries` 0)" if args.no_transparent_retry else
+            "gRPC's default retries (no retry policy; only a call that never left the client is "
+            "retried, transparently)")
+         + f"; {args.workers} threads of unary calls, {args.slow_share:.0%} of them "
         f"{args.slow_ms:g} ms, the rest {args.fast_ms:g} ms; pod A stopped as the kubelet does "
         f"after {args.warmup:g} s (preStop, then the stop signal; D = {args.delay:g} s, "
         f"grace G = {args.grace:g} s, SIGKILL at {args.grace_period:g} s), load on for "
@@ -260,6 +268,9 @@ def main() -> int:
     ap.add_argument("--tail", type=float, default=1.0)
     ap.add_argument("--call-timeout", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-transparent-retry", action="store_true",
+                    help="grpc.enable_retries=0: also no transparent retry of a call that never "
+                         "left the client (gRPC's default retries it once on another connection)")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "grpc_rolling.md"))
     ap.add_argument("--keep-tmp", action="store_true")
     C.add_sidecar_args(ap)
