@@ -2,7 +2,7 @@
 """A pod stopped under gRPC load, with each front as the pod's proxy: sidecar vs the peers.
 
 Two "pods" on loopback, each a front (the proxy under test, h2c both ways) plus a grpcio app
-(tests/apps/grpc_app.py); ONE grpcio channel balances round-robin over the two fronts
+(tests/apps/grpc_pod.py); ONE grpcio channel balances round-robin over the two fronts
 (`ipv4:127.0.0.1:P1,127.0.0.1:P2`, as a gRPC client does over a headless Service), with gRPC's
 default retry behaviour: no retry policy, so a call that reached a server and failed is a failure;
 only a call that never left the client (a stream not yet started when a GOAWAY arrived) is
@@ -56,7 +56,7 @@ import runinfo as R
 FRONTS = ("sidecar", "traefik", "caddy", "nginx", "haproxy", "none")
 APPS = ("graceful", "die")
 STOP_SIGNAL = {"nginx": signal.SIGQUIT, "haproxy": signal.SIGUSR1}
-GRPC_APP = os.path.join(os.path.dirname(C.BENCH), "tests", "apps", "grpc_app.py")
+GRPC_APP = os.path.join(os.path.dirname(C.BENCH), "tests", "apps", "grpc_pod.py")
 
 
 @dataclass

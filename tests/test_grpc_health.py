@@ -1,6 +1,6 @@
 """Readiness for gRPC apps: ``upstream.health_grpc`` asks the app's grpc.health.v1.Health/Check.
 
-The app is a real grpcio server with grpcio-health-checking's servicer (tests/apps/grpc_app.py),
+The app is a real grpcio server with grpcio-health-checking's servicer (tests/apps/grpc_pod.py),
 as its own process; the sidecar is ``python -m sidecar run``.  Each test states what /readyz
 answers, and why in words, for one thing the app's health service can say.
 """
@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from sidecar.upstream.grpc_health import decode_response, encode_request
 from tests.conftest import ROOT, StartSidecar, StartUpstream, free_port, metric, wait_port
 
-GRPC_APP = str(ROOT / "tests" / "apps" / "grpc_app.py")
+GRPC_APP = str(ROOT / "tests" / "apps" / "grpc_pod.py")
 QUICK = {"health_interval": "100ms"}
 
 StartGrpcApp = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, int]]]

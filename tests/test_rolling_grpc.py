@@ -1,9 +1,10 @@
 """A pod drained under a real gRPC client's load loses no call and fails none.
 
-Two "pods" (a grpcio app, tests/apps/grpc_app.py, and ``sidecar run`` in front of it with
+Two "pods" (a grpcio app, tests/apps/grpc_pod.py, and ``sidecar run`` in front of it with
 ``upstream.health_grpc``) on loopback ports; ONE grpcio channel balances round-robin over both
-sidecars (``ipv4:127.0.0.1:P1,127.0.0.1:P2``, no retry policy), the way a gRPC client does with
-a headless Service.  Steady unary load from several threads, every tenth call slow (300 ms).
+sidecars (``ipv4:127.0.0.1:P1,127.0.0.1:P2``), the way a gRPC client does with a headless
+Service, with gRPC's default retry behaviour: no retry policy, so a call that reached a server
+and failed is a failure; only a call that never left the client is retried, transparently.  Steady unary load from several threads, every tenth call slow (300 ms).
 Pod A is then stopped as the kubelet does with the documented wiring: SIGTERM to the sidecar
 and, at the same time, the app's preStop ``GET /drain`` on the admin port (blocks until
 drained); then SIGTERM to the app.  The client learns of the drain only through HTTP/2: the
@@ -29,7 +30,7 @@ import yaml
 
 from tests.conftest import ROOT, Sidecar, free_port, wait_port
 
-GRPC_APP = str(ROOT / "tests" / "apps" / "grpc_app.py")
+GRPC_APP = str(ROOT / "tests" / "apps" / "grpc_pod.py")
 THREADS = 8
 SLOW_EVERY, SLOW_MS, FAST_MS = 10, 300, 5
 POD_CONFIG = {"drain": {"delay": "1s", "timeout": "10s", "grace_period": "20s"},
@@ -70,8 +71,7 @@ class Load:
     """Unary calls from THREADS threads on one round-robin channel; every outcome recorded."""
 
     def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)])
+        self.channel = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")])
         self.hold = self.channel.unary_unary("/test.Echo/Hold")
         self.ok: list[str] = []
         self.failed: list[tuple[str, str]] = []

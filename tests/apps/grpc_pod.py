@@ -1,6 +1,6 @@
-"""A real gRPC app for the tests and benchmarks: grpcio, with the standard health service.
+"""A gRPC "pod" app for the rolling tests and benchmarks: grpcio, with the standard health service.
 
-    python tests/apps/grpc_app.py --port P [--calls FILE] [--health SERVICE=STATUS ...]
+    python tests/apps/grpc_pod.py --port P [--calls FILE] [--health SERVICE=STATUS ...]
                                   [--on-sigterm graceful|die] [--grace S]
 
 Serves ``/test.Echo/Hold`` (unary, raw bytes, no .proto needed): the request is JSON
