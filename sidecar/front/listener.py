@@ -18,13 +18,17 @@ closed).  This module adds what a reverse proxy needs on top, without parsing an
   ``Host`` set to the target's authority, as RFC 9112 section 3.2.2 requires.
 - A malformed request is one ``bad request`` log line at info level, not an error
   with a traceback: clients on the internet send garbage, the sidecar is fine.
+- A connection that opens with the HTTP/2 preface (prior knowledge, RFC 9113 §3.3) is
+  handed to ``h2`` before aiohttp parses a byte: only a connection's first bytes are
+  looked at, so the cost per HTTP/1.1 request is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -35,7 +39,12 @@ from aiohttp.web_protocol import RequestHandler, _RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ("ClientServer",)
+from .h2wire import PREFACE
+
+__all__ = ("ClientServer", "H2HandOff")
+
+# Takes over a connection that opened with the HTTP/2 preface: (transport, bytes read, client).
+H2HandOff = Callable[[asyncio.Transport, bytes, "str | None"], None]
 
 logger = logging.getLogger("sidecar")
 
@@ -49,14 +58,16 @@ class ClientServer(web.Server):
     """``web.Server`` whose connections enforce the header timeout and refuse what
     cannot be forwarded (see the module docstring)."""
 
-    def __init__(self, handler: _RequestHandler, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, handler: _RequestHandler, *, header_timeout: float,
+                 h2: H2HandOff | None = None, **kwargs: Any) -> None:
         super().__init__(self._guard, **kwargs)
         self._forward = handler
         self._header_timeout = header_timeout
+        self._h2 = h2
 
     def __call__(self) -> RequestHandler:
         return ClientConnection(self, loop=self._loop, header_timeout=self._header_timeout,
-                                **self._kwargs)
+                                h2=self._h2, **self._kwargs)
 
     def _make_request(
         self,
@@ -106,8 +117,11 @@ def _scheme(target: str) -> str | None:
 class ClientConnection(RequestHandler):
     """One client connection: aiohttp's handler plus the request-head deadline."""
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, header_timeout: float,
+                 h2: H2HandOff | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._h2 = h2
+        self._first: bytes | None = b"" if h2 is not None else None  # until told h2 or not
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes received while the head deadline runs
@@ -121,6 +135,10 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._first is not None:  # the connection's first bytes: HTTP/2 or HTTP/1.1?
+            data = self._sniff(data)
+            if not data:
+                return
         heads = self._request_count
         waiting = self._waiter is not None and not self._waiter.done()  # idle between requests
         super().data_received(data)
@@ -131,6 +149,27 @@ class ClientConnection(RequestHandler):
         elif waiting and data:  # the first byte of the next request on a kept-alive connection
             self._arm_head_timer()
             self._head_bytes = len(data)
+
+    def _sniff(self, data: bytes) -> bytes:
+        """Return what aiohttp is to parse: nothing while the bytes could still be the
+        HTTP/2 preface (which may come in pieces), and nothing once it came whole, since
+        the connection is then handed over (aiohttp forgets it through its own
+        ``connection_lost``, with the transport taken away so it is not closed)."""
+        assert self._first is not None
+        seen = self._first + data
+        if seen[:len(PREFACE)] != PREFACE[:len(seen)]:
+            self._first = None
+            return seen
+        if len(seen) < len(PREFACE):
+            self._first = seen
+            return b""
+        self._first = None
+        transport, peer = cast(asyncio.Transport, self.transport), _peer(self.peername)
+        assert transport is not None and self._h2 is not None
+        self.transport = None
+        self.connection_lost(None)
+        self._h2(transport, seen, peer)
+        return b""
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
