@@ -14,11 +14,14 @@ one core where it has the knob, h2c from the client and HTTP/2 cleartext to the 
 Stages, for every target, interleaved over --rounds (each target started afresh per round):
   max   h2load -c10 -m10 -D{duration} /100b              (10 connections x 10 streams, flat out)
   rate  h2load -c10 -m1 --rps 100 -D{duration} /100b     (a fixed 1,000 streams/s in total)
+  grpc  h2load -c10 -m10 -D{duration}, unary gRPC calls (POST /test.Echo/Hold, a framed message,
+        content-type application/grpc, te: trailers) to a grpcio app (tests/apps/grpc_pod.py)
+        instead of nghttpd: CPU per gRPC call (the Python app is the ceiling, not the proxy)
 Per run: streams/s, p50/p99 from h2load's per-stream log, the CPU of every process of the
 target's process group (utime+stime from /proc, before/after) per stream, and the CPU used by
 everything else on the machine meanwhile ("others", % of one core).  "p99 added" = the target's
 p99 minus direct's p99 in the same round at the fixed rate.  Results: bench/results/h2c.md.
-Run: bench/run.sh h2c   (about 4 min: 6 targets x 2 stages x 2 rounds x 10 s)
+Run: bench/run.sh h2c   (about 6 min: 6 targets x 3 stages x 2 rounds x 10 s)
 """
 from __future__ import annotations
 
@@ -40,14 +43,16 @@ import runinfo as R
 import throughput as TP
 
 TARGETS = ("direct", "nginx", "haproxy", "traefik", "caddy", "sidecar")
+GRPC_APP = os.path.join(os.path.dirname(C.BENCH), "tests", "apps", "grpc_pod.py")
+GRPC_PATH = "/test.Echo/Hold"
 SIDECAR_ENV = {"SIDECAR_LOGGING_LEVEL": "warning", "SIDECAR_DRAIN_DELAY": "0s",
                "SIDECAR_DRAIN_TIMEOUT": "2s"}
 
 
-def h2load(port: int, extra: list[str], log_file: str | None, timeout: float) -> dict:
+def h2load(port: int, extra: list[str], log_file: str | None, timeout: float, path: str = "/100b") -> dict:
     """One h2load run; its summary plus percentiles from its per-stream log."""
     argv = ["h2load", "-t1", *extra, *([f"--log-file={log_file}"] if log_file else []),
-            f"http://127.0.0.1:{port}/100b"]
+            f"http://127.0.0.1:{port}{path}"]
     if log_file and os.path.exists(log_file):
         os.unlink(log_file)  # h2load appends
     out = TP.run(argv, timeout)
@@ -72,12 +77,13 @@ def h2load(port: int, extra: list[str], log_file: str | None, timeout: float) ->
     return r
 
 
-def wait_h2c(port: int, proc: C.Proc | None, timeout: float = 15.0) -> None:
-    """Until one h2c GET through the target comes back 2xx."""
+def wait_h2c(port: int, proc: C.Proc | None, timeout: float = 15.0, grpc_call: list[str] | None = None) -> None:
+    """Until one h2c GET (or gRPC call) through the target comes back 2xx."""
     deadline = time.monotonic() + timeout
+    path = GRPC_PATH if grpc_call else "/100b"
     while True:
         try:
-            if h2load(port, ["-n1", "-c1"], None, 10)["streams"] == 1:
+            if h2load(port, ["-n1", "-c1", *(grpc_call or [])], None, 10, path)["streams"] == 1:
                 return
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
@@ -104,6 +110,15 @@ def start_target(name: str, tmp: str, up: int, tag: str) -> tuple[C.Proc | None,
     return proc, port
 
 
+def grpc_call(tmp: str) -> list[str]:
+    """h2load flags for a unary gRPC call (POST, a framed JSON message, gRPC's headers)."""
+    body = os.path.join(tmp, "grpc-call.bin")
+    message = b'{"id": "h2load", "ms": 0}'
+    with open(body, "wb") as f:
+        f.write(b"\x00" + len(message).to_bytes(4, "big") + message)
+    return ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+
+
 def measure(name: str, proc: C.Proc | None, port: int, app: C.Proc, stage: str, args, tmp: str) -> dict:
     def children() -> float:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,8 +127,10 @@ def measure(name: str, proc: C.Proc | None, port: int, app: C.Proc, stage: str, 
     px0 = C.group_cpu_seconds(proc.pid) if proc else 0.0
     up0, gen0, busy0, t0 = C.group_cpu_seconds(app.pid), children(), C.machine_busy_seconds(), time.monotonic()
     d = f"-D{args.duration}"
-    extra = ["-c10", "-m10", d] if stage == "max" else ["-c10", "-m1", f"--rps={args.rate / 10:g}", d]
-    r = h2load(port, extra, os.path.join(tmp, "h2load.log"), args.duration * 3 + 30)
+    extra = {"max": ["-c10", "-m10", d], "rate": ["-c10", "-m1", f"--rps={args.rate / 10:g}", d],
+             "grpc": ["-c10", "-m10", d, *grpc_call(tmp)]}[stage]
+    r = h2load(port, extra, os.path.join(tmp, "h2load.log"), args.duration * 3 + 30,
+               GRPC_PATH if stage == "grpc" else "/100b")
     wall = time.monotonic() - t0
     px = C.group_cpu_seconds(proc.pid) - px0 if proc else None
     upc, gen = C.group_cpu_seconds(app.pid) - up0, children() - gen0
@@ -140,7 +157,9 @@ def report(args, results: list[dict], versions: dict, elapsed: float, cmd: str) 
         "# h2c through each proxy: CPU per stream, streams/s, latency added", "",
         (f"`{cmd}`, {elapsed / 60:.1f} min, {args.rounds} rounds interleaved, {args.duration} s each. "
          "h2load (h2c, prior knowledge) → proxy → nghttpd (h2c, 100 B). **max**: 10 connections × "
-         f"10 streams flat out; **rate**: a fixed {args.rate:,} streams/s over 10 connections. Medians "
+         f"10 streams flat out; **rate**: a fixed {args.rate:,} streams/s over 10 connections; **gRPC**: "
+         "unary calls (h2load POST /test.Echo/Hold, 10 × 10, flat out) to a grpcio app "
+         "(tests/apps/grpc_pod.py, ~3k calls/s on its own), so there the app is the limit. Medians "
          "of the rounds; CPU µs/stream = utime+stime of the proxy's processes / streams answered 2xx; "
          "p99 added = p99 − direct's p99 of the same round (median of the rounds)."), "",
         ("| target | max: streams/s | max: CPU µs/stream | rate: CPU µs/stream | rate: p50 ms | "
@@ -154,7 +173,7 @@ def report(args, results: list[dict], versions: dict, elapsed: float, cmd: str) 
             f"| {n} | {fmt(med(n, 'max', 'rps'))} | {fmt(med(n, 'max', 'proxy_us'))} | "
             f"{fmt(med(n, 'rate', 'proxy_us'))} | {fmt(med(n, 'rate', 'p50'), 2)} | "
             f"{fmt(med(n, 'rate', 'p99'), 2)} | {fmt(statistics.median(added), 2) if added else 'n/a'} | "
-            f"{errors} | {min(others):.0f}-{max(others):.0f} |")
+            f"{fmt(med(n, 'grpc', 'rps'))} | {fmt(med(n, 'grpc', 'proxy_us'))} | {errors} | {min(others):.0f}-{max(others):.0f} |")
     sc = {s: med("sidecar", s, "proxy_us") for s in ("max", "rate")}
     ratios = [f"{p} {sc['max'] / v:.2f}" for p in ("nginx", "haproxy", "traefik", "caddy")
               if sc["max"] and (v := med(p, "max", "proxy_us"))]
@@ -172,7 +191,7 @@ def report(args, results: list[dict], versions: dict, elapsed: float, cmd: str) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of: " + ", ".join(TARGETS))
-    ap.add_argument("--stages", default="max,rate")
+    ap.add_argument("--stages", default="max,rate,grpc")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rate", type=int, default=1000, help="streams/s of the rate stage (10 connections)")
@@ -193,30 +212,41 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="sidecar-bench-h2c-")
     with open(os.path.join(tmp, "100b"), "wb") as f:
         f.write(b"x" * 100)
-    up = C.free_port()
+    up, gup = C.free_port(), C.free_port()
     app = C.Proc("nghttpd", ["nghttpd", "--no-tls", "-a", "127.0.0.1", "-n", "1", "-d", tmp, str(up)],
                  os.path.join(tmp, "nghttpd.log"))
+    stages = [s for s in args.stages.split(",") if s]
+    apps = {"h2": [s for s in stages if s != "grpc"], "grpc": [s for s in stages if s == "grpc"]}
+    grpc_app = C.Proc("grpc-app", [C.PY, GRPC_APP, "--port", str(gup)], os.path.join(tmp, "grpc-app.log")) \
+        if apps["grpc"] else None
     t_start, results, ok = time.time(), [], False
     try:
         wait_h2c(up, app)
+        if grpc_app is not None:
+            wait_h2c(gup, grpc_app, grpc_call=grpc_call(tmp))
         for rnd in range(1, args.rounds + 1):
             for name in targets:
-                proc, port = start_target(name, tmp, up, f"{name}-{rnd}")
-                try:
-                    wait_h2c(port, proc)
-                    for stage in [s for s in args.stages.split(",") if s]:
-                        r = measure(name, proc, port, app, stage, args, tmp)
-                        r["round"] = rnd
-                        results.append(r)
-                        C.log(f"round {rnd} {name:8} {stage:4}: {r['rps']:8.0f} streams/s, "
-                              f"{TP.tpreport.fmt(r['proxy_us'])} µs/stream, p99 {r.get('p99', 0):.2f} ms, "
-                              f"errors {r['errors']}, others {r['others']:.0f}%")
-                finally:
-                    if proc is not None:
-                        proc.stop(signal.SIGTERM, 10)
+                for kind, upstream, port_up in (("h2", app, up), ("grpc", grpc_app, gup)):
+                    if not apps[kind] or upstream is None:
+                        continue
+                    proc, port = start_target(name, tmp, port_up, f"{name}-{kind}-{rnd}")
+                    try:
+                        wait_h2c(port, proc, grpc_call=grpc_call(tmp) if kind == "grpc" else None)
+                        for stage in apps[kind]:
+                            r = measure(name, proc, port, upstream, stage, args, tmp)
+                            r["round"] = rnd
+                            results.append(r)
+                            C.log(f"round {rnd} {name:8} {stage:4}: {r['rps']:8.0f} streams/s, "
+                                  f"{TP.tpreport.fmt(r['proxy_us'])} µs/stream, p99 {r.get('p99', 0):.2f} ms, "
+                                  f"errors {r['errors']}, others {r['others']:.0f}%")
+                    finally:
+                        if proc is not None:
+                            proc.stop(signal.SIGTERM, 10)
         ok = True
     finally:
         app.stop(signal.SIGTERM, 5)
+        if grpc_app is not None:
+            grpc_app.stop(signal.SIGTERM, 5)
         if ok and not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
