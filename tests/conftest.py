@@ -256,3 +256,7 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
     if "content-length" in headers:
         body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), timeout)
     return lines[0], headers, body
+
+
+# The HTTP/2 tests' fixtures (the gRPC app), shared by their modules.
+from tests.grpc_fixtures import grpc_app, start_grpc_app  # noqa: F401

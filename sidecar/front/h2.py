@@ -159,6 +159,10 @@ class H2Connection(AppSide):
             if (stream := self._streams.get(sid)) is not None:
                 self._resets.append(sid)
                 self._end(stream, stream.status or CLIENT_CLOSED)
+        elif ftype == w.WINDOW_UPDATE and sid == 0:
+            self._window += w.parse_window(frame)
+            if self._window > w.MAX_STREAM_ID:  # RFC 9113 §6.9.1 (streams' are the app's to check)
+                self._fail(w.FLOW_CONTROL_ERROR, "WINDOW_UPDATE overflows the connection window")
         elif ftype == w.SETTINGS and not flags & w.ACK:
             self._limits.check_control(self._fail)
             table = w.parse_settings(frame).get(w.HEADER_TABLE_SIZE)

@@ -86,6 +86,7 @@ class AppSide(H2Base):
             if stop > end:
                 break
             if ftype == w.DATA and self._ablock is None:
+                self._window -= length
                 if flags & w.END_STREAM and (stream := streams.get(sid)) is not None:
                     stream.app_ended = True
                     if stream.client_ended:

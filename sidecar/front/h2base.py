@@ -72,6 +72,7 @@ class H2Base(asyncio.Protocol):
         self._resp = w.HeaderMirror(max_list_size=1 << 24)  # the app is trusted
         self._reencoder: hpack.Encoder | None = None
         self._app_max_frame = 16384  # the app's SETTINGS_MAX_FRAME_SIZE
+        self._window = 65535  # the app's connection send window (credit from the client)
         self._goaway_last = w.MAX_STREAM_ID  # lowest last-stream-id the client was told
         self._app_goaway: int | None = None
         self._draining = self._admission_stopped = self._final = self._ping_acked = False

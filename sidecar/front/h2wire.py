@@ -31,10 +31,11 @@ from hyperframe.frame import (
 )
 
 __all__ = (
-    "CANCEL", "COMPRESSION_ERROR", "ENHANCE_YOUR_CALM", "FRAME_SIZE_ERROR", "INTERNAL_ERROR",
+    "CANCEL", "COMPRESSION_ERROR", "ENHANCE_YOUR_CALM", "FLOW_CONTROL_ERROR", "FRAME_SIZE_ERROR",
+    "INTERNAL_ERROR",
     "MAX_LIST", "MAX_STREAM_ID", "NO_ERROR", "PREFACE", "PROTOCOL_ERROR", "REFUSED_STREAM",
     "Bucket", "HeaderMirror", "Limits", "fragment", "goaway", "header_frames", "local_headers",
-    "parse", "parse_settings", "ping", "push_fragment", "rst", "settings", "unpack_header",
+    "parse", "parse_settings", "parse_window", "ping", "push_fragment", "rst", "settings", "unpack_header",
     "window_update",
 )
 
@@ -47,7 +48,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 
 # Error codes (RFC 9113 §7).
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR = 0x0, 0x1, 0x2
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
 ENHANCE_YOUR_CALM = 0xB
 
@@ -93,6 +94,13 @@ def parse_settings(frame: bytes) -> dict[int, int]:
     parsed = parse(frame)
     assert isinstance(parsed, SettingsFrame)
     return dict(parsed.settings)
+
+
+def parse_window(frame: bytes) -> int:
+    """The increment of a WINDOW_UPDATE frame."""
+    parsed = parse(frame)
+    assert isinstance(parsed, WindowUpdateFrame)
+    return int(parsed.window_increment)
 
 
 def header_frames(first: bytes, block: bytes, flags: int, max_frame: int) -> list[bytes]:
