@@ -86,7 +86,10 @@ class Health:
         """The gRPC health call on a fresh h2c connection, bounded like the GET."""
         up = self._upstream
         call = GrpcHealthCall(service=service, authority=host_header(up))
-        transport = await dial(up, lambda: call)
+        try:
+            transport = await dial(up, lambda: call)
+        except TimeoutError:  # named here: with a health_path too, _describe would blame the GET
+            raise GrpcUnhealthy(f"connect to {self._target} timed out") from None
         timeout = max(up.health_interval, 1.0)
         try:
             await asyncio.wait_for(call.result(), timeout)
