@@ -169,3 +169,26 @@ async def test_curl_http2_prior_knowledge_reaches_an_h2c_app(start_sidecar, grpc
     out, _ = await asyncio.wait_for(proc.communicate(b"\x00\x00\x00\x00\x02hi"), 20)
     assert out.decode() == "2 200"
     assert [c["method"] for c in grpc_app.calls()] == ["Unary"]
+
+
+async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
+        start_sidecar, grpc_app) -> None:
+    """``upstream.timeout`` is the time to the response headers, not the stream's length:
+    a call whose answer is late gets 504 (gRPC: UNAVAILABLE) and is cancelled at the app;
+    a stream that has its headers runs longer than the timeout."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"upstream": {"timeout": "1s"}})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(ch, "Slow")(b"5", timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "504" in (err.value.details() or "")
+        await grpc_app.wait_call("Slow", "cancelled")
+        chat = ch.stream_stream("/test.Echo/Chat")(timeout=20)
+        await chat.write(b"first")
+        assert await chat.read() == b"first"
+        await asyncio.sleep(1.5)  # past upstream.timeout, on a stream that has its headers
+        await chat.write(b"later")
+        assert await chat.read() == b"later"
+        await chat.done_writing()
+        assert await chat.code() == grpc.StatusCode.OK
+    await sidecar.wait_log("upstream error", kind="timeout")
