@@ -35,6 +35,7 @@ from h2.errors import ErrorCodes
 __all__ = ("GrpcHealthCall", "GrpcUnhealthy", "decode_response", "encode_request")
 
 PATH = "/grpc.health.v1.Health/Check"
+_MAX_ANSWER = 65536
 SERVING = 1
 _STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 _GRPC_CODES = {
@@ -148,6 +149,9 @@ class GrpcHealthCall(asyncio.Protocol):
             self._trailers = {str(k): str(v) for k, v in event.headers}
         elif isinstance(event, h2.events.DataReceived):
             self._body += event.data
+            if len(self._body) > _MAX_ANSWER:  # the answer is 7 bytes: never buffer a flood
+                self._fail(f"{PATH} answered more than {_MAX_ANSWER} bytes")
+                return
             self._conn.acknowledge_received_data(event.flow_controlled_length, self._sid)
         elif isinstance(event, h2.events.StreamEnded):
             try:
