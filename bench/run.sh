@@ -1,5 +1,6 @@
 #!/bin/sh
-# One command for the benchmarks: bench/run.sh [throughput|scale|drain|timeline|rolling|soak]
+# One command for the benchmarks: bench/run.sh [throughput|scale|drain|timeline|rolling|soak|
+#   grpc_rolling|h2c]
 #   [FLAGS...]
 #   (default: throughput).  Creates the bench venv when missing ($BENCH_VENV, default
 #   /tmp/benchvenv) with this checkout, uvloop and the bench extra (matplotlib) in it, then
@@ -11,7 +12,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${BENCH_VENV:-/tmp/benchvenv}
 script=throughput
 case "${1:-}" in
-  throughput|scale|drain|timeline|rolling|soak) script=$1; shift ;;
+  throughput|scale|drain|timeline|rolling|soak|grpc_rolling|h2c) script=$1; shift ;;
 esac
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

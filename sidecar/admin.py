@@ -104,6 +104,7 @@ class Admin:
                 "url": self._config.upstream.url,
                 "healthy": self._health.healthy,
                 "health_path": self._config.upstream.health_path,
+                "health_grpc": self._config.upstream.health_grpc,
                 "last_error": self._health.last_error,
             },
             "pid": os.getpid(),

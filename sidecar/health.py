@@ -1,11 +1,13 @@
-"""Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "its port accepts".
+"""Upstream health: GET ``upstream.health_path`` (2xx = healthy) and/or the gRPC health call
+(``upstream.health_grpc``: ``grpc.health.v1.Health/Check`` answers SERVING), else "its port
+accepts".
 
 The probe runs at once at start-up, then every ``upstream.health_interval``, and
 feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
 (or answers its health path with a non-2xx) makes ``/readyz`` fail, so a load
 balancer sends traffic elsewhere until it is back.
 
-When it gates the start (a health path is set, or wrap mode), the first success
+When it gates the start (a health path or gRPC service is set, or wrap mode), the first success
 moves the sidecar from ``starting`` to ``serving``; until then it probes every
 50 ms so a freshly started app is picked up quickly, and logs what it got every
 few seconds, so a wrong port or path is visible in the log.
@@ -23,7 +25,8 @@ from yarl import URL
 from .config import UpstreamConfig
 from .log import logger
 from .metrics import Metrics
-from .upstream.reach import base_url, connect_once, connector
+from .upstream.grpc_health import GrpcHealthCall, GrpcUnhealthy
+from .upstream.reach import base_url, connect_once, connector, dial, host_header
 
 __all__ = ("Health", "something_answers")
 
@@ -57,9 +60,11 @@ class Health:
         try:
             if up.health_path:
                 await self._get(up.health_path)
-            else:
+            if up.health_grpc is not None:
+                await self._grpc(up.health_grpc)
+            elif not up.health_path:
                 await connect_once(up, up.connect_timeout)
-        except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy) as exc:
+        except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy, GrpcUnhealthy) as exc:
             self._set(False, self._describe(exc))
         else:
             self._set(True, None)
@@ -77,9 +82,26 @@ class Health:
             if not 200 <= resp.status < 300:
                 raise _Unhealthy(f"GET {path} answered {resp.status}")
 
+    async def _grpc(self, service: str) -> None:
+        """The gRPC health call on a fresh h2c connection, bounded like the GET."""
+        up = self._upstream
+        call = GrpcHealthCall(service=service, authority=host_header(up))
+        try:
+            transport = await dial(up, lambda: call)
+        except TimeoutError:  # named here: with a health_path too, _describe would blame the GET
+            raise GrpcUnhealthy(f"connect to {self._target} timed out") from None
+        timeout = max(up.health_interval, 1.0)
+        try:
+            await asyncio.wait_for(call.result(), timeout)
+        except TimeoutError:
+            raise GrpcUnhealthy(f"grpc.health.v1.Health/Check: no answer within {timeout:g} s"
+                                ) from None
+        finally:
+            transport.close()
+
     def _describe(self, exc: BaseException) -> str:
         """A short human account of a failed probe (not a Python repr)."""
-        if isinstance(exc, _Unhealthy):
+        if isinstance(exc, (_Unhealthy, GrpcUnhealthy)):
             return str(exc)
         if isinstance(exc, aiohttp.ClientConnectorError):
             exc = exc.os_error

@@ -41,7 +41,8 @@ async def run(config: Config, *, command: list[str] | None = None, metrics: Metr
     drain = Drain(delay=config.drain.delay, timeout=config.drain.timeout,
                   close_spread=config.drain.close_spread, metrics=metrics)
     proxy = Proxy(config, drain=drain, metrics=metrics)
-    gating = bool(command) or config.upstream.health_path is not None
+    gating = (bool(command) or config.upstream.health_path is not None
+              or config.upstream.health_grpc is not None)
     health = Health(config.upstream, metrics=metrics, gating=gating, on_first_healthy=drain.mark_serving)
     admin = Admin(config, drain=drain, metrics=metrics, health=health,
                   connections=lambda: proxy.connections, websockets=lambda: len(proxy.websockets))

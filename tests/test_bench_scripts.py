@@ -20,7 +20,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("script", ["throughput.py", "scale.py", "drain.py", "timeline.py", "rolling.py",
-                                    "soak.py"])
+                                    "soak.py", "grpc_rolling.py", "h2c.py"])
 def test_bench_script_documents_its_flags_including_the_sidecar_checkout(script: str) -> None:
     r = _run([str(BENCH / script), "--help"], timeout=60)
     assert r.returncode == 0, r.stderr
@@ -53,3 +53,25 @@ def test_scale_tiny_run_reports_memory_and_the_drain_of_its_connections(tmp_path
     text = out.read_text()
     assert "KB per connection" in text
     assert "of 50 (still open at the end: 0)" in text  # every idle connection was closed by the drain
+
+
+def test_grpc_rolling_tiny_run_reports_failed_and_lost_calls_per_front(tmp_path: Path) -> None:
+    out = tmp_path / "grpc.md"
+    r = _run([str(BENCH / "grpc_rolling.py"), "--fronts", "sidecar,none", "--apps", "graceful",
+              "--rounds", "1", "--workers", "4", "--warmup", "0.5", "--tail", "0.2", "--delay", "0.3",
+              "--out", str(out)], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "| front | app | calls | failed | LOST | duplicates |" in text
+    assert "| sidecar | graceful |" in text and "| none | graceful |" in text
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None or shutil.which("nghttpd") is None,
+                    reason="h2load/nghttpd are not installed (apt-get install nghttp2-client nghttp2-server)")
+def test_h2c_tiny_run_writes_a_report_with_the_sidecar_row(tmp_path: Path) -> None:
+    out = tmp_path / "h2c.md"
+    r = _run([str(BENCH / "h2c.py"), "--targets", "direct,sidecar", "--stages", "rate", "--duration", "1",
+              "--rounds", "1", "--rate", "200", "--out", str(out)], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "| sidecar | n/a |" in text and "p99 added ms" in text
