@@ -25,7 +25,7 @@ from sidecar.config import load, to_yaml
 from tests.test_k8s_replay import PodSpec, assert_lossless, losses, replay_termination
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = Path(__file__).resolve().parent / "manifests"
+MANIFESTS = Path(__file__).resolve().parent / "manifests" / "examples"
 KUBERNETES = "1.32.0"
 KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 
