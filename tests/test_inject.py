@@ -240,7 +240,8 @@ def test_the_port_annotation_chooses_among_several_ports() -> None:
     engine, exporter = container(spec, "engine"), container(spec, "exporter")
     assert [p["name"] for p in engine["ports"]] == ["query-app", "transport"]
     assert exporter["ports"] == [{"name": "metrics", "containerPort": 9114}]
-    assert "lifecycle" not in exporter
+    # It serves traffic too, so it waits for the drain before its SIGTERM (issue 14 §3).
+    assert exporter["lifecycle"] == {"preStop": {"httpGet": {"path": "/drain", "port": 9901}}}
     side = container(spec, "drain-sidecar")
     assert side["ports"][0]["name"] == "query"
     assert env(side)["SIDECAR_UPSTREAM_URL"] == "http://127.0.0.1:9200"
