@@ -115,7 +115,8 @@ def kubernetes_only(docs: list[Document]) -> tuple[list[Document], list[str]]:
     kept, report = [], []
     for doc in docs:
         obj = doc.obj
-        if isinstance(obj, dict) and obj.get("kind") == "Kustomization":
+        if (isinstance(obj, dict) and obj.get("kind") == "Kustomization") or Path(
+                doc.source).name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
             line = (f"{doc.source}: skipped (a kustomize Kustomization, not a Kubernetes object: "
                     "render it with 'kubectl kustomize DIR' and pipe that in)")
         elif not (isinstance(obj, dict) and obj.get("apiVersion") and obj.get("kind")):
