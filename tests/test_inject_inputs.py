@@ -3,6 +3,7 @@ JSON, what is not a Kubernetes object) and every bad input (exit 2, nothing writ
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar import __version__
 from tests.injecting import (
     KINDS,
     MANIFESTS,
+    PUBLIC,
     ROOT,
     container,
     find,
@@ -142,3 +145,85 @@ def test_output_that_cannot_be_written_exits_1() -> None:
                               stderr=subprocess.PIPE, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "sidecar inject: cannot write the output: [Errno 28]" in done.stderr
+
+
+# ---- everything a user pipes in -----------------------------------------------------------------
+
+def test_what_is_not_a_kubernetes_object_is_skipped_with_a_report_line(tmp_path: Path) -> None:
+    """A kustomization.yaml and kind-less YAML (a Helm values file) next to the manifests are
+    not Kubernetes objects: skipped, named in the report, and not written (the output would fail
+    validation); the objects around them are handled as usual."""
+    (tmp_path / "kustomization.yaml").write_text("resources:\n  - app.yaml\n")
+    (tmp_path / "values.yaml").write_text("replicaCount: 2\nimage:\n  tag: v1\n")
+    (tmp_path / "app.yaml").write_text((MANIFESTS / "api-numeric.yaml").read_text())
+    out, report = inject(str(tmp_path), "--image", "example/sidecar:1")
+    assert [d["kind"] for d in out] == ["Deployment", "Service"]
+    assert (f"{tmp_path / 'kustomization.yaml'}: skipped (a kustomize Kustomization, not a "
+            "Kubernetes object: render it with 'kubectl kustomize DIR' and pipe that in)") \
+        in report
+    assert (f"{tmp_path / 'values.yaml'}: skipped (not a Kubernetes object: no apiVersion and "
+            "kind)") in report
+    back = sidecar("uninject", str(tmp_path))
+    assert back.returncode == 0 and "values.yaml: skipped" in back.stderr
+
+
+def test_rollouts_and_replication_controllers_are_workloads(tmp_path: Path) -> None:
+    """The contract lists Argo Rollout and ReplicationController: both get the sidecar.  A
+    Rollout that takes its pods from a Deployment (workloadRef) and any other kind with a pod
+    template get a report line each, and pass through unchanged."""
+    rollout = load_docs(PUBLIC / "argo-rollouts-bluegreen.yaml")[0]
+    controller = load_docs(PUBLIC / "guestbook-go.yaml")[2]
+    by_ref = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+              "metadata": {"name": "by-ref"},
+              "spec": {"workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                       "name": "web"}}}
+    other = {"apiVersion": "apps.kruise.io/v1alpha1", "kind": "CloneSet",
+             "metadata": {"name": "clones"},
+             "spec": {"template": copy.deepcopy(rollout["spec"]["template"])}}
+    docs = [rollout, controller, by_ref, other]
+    out, report = inject(str(write(tmp_path, docs)))
+    assert container(template(out[0])["spec"], "drain-sidecar")
+    assert container(template(out[1])["spec"], "drain-sidecar")
+    assert out[2:] == docs[2:]
+    assert "rollout/rollout-bluegreen injected" in report
+    assert "replicationcontroller/guestbook injected" in report
+    assert ("rollout/by-ref left unchanged (its pods come from spec.workloadRef: inject the "
+            "workload it references)") in report
+    assert ("cloneset/clones left unchanged (a CloneSet has a pod template, but it is not a kind "
+            "inject edits: add the sidecar by hand, see the README)") in report
+
+
+def test_without_image_the_report_warns_loudly_naming_the_flag() -> None:
+    """sidecar:VERSION is a local name only a local build creates; a native sidecar that cannot
+    be pulled keeps the app from starting: the report's last line says so and names --image."""
+    _, report = inject(str(MANIFESTS / "web.yaml"))
+    assert report.splitlines()[-1].startswith(
+        f"WARNING: no --image: the sidecar image is sidecar:{__version__}, a local name")
+    assert "Give --image REGISTRY/sidecar:TAG" in report
+    _, report = inject(str(MANIFESTS / "web.yaml"), "--image", "ghcr.io/example/sidecar:1")
+    assert "WARNING" not in report
+
+
+def test_multi_line_strings_stay_block_scalars() -> None:
+    """Output is reviewed by people: microservices-demo's multi-line shell script (and any
+    multi-line ConfigMap value) is written as a | block, not a quoted string of \\n."""
+    done = sidecar("inject", str(PUBLIC / "microservices-demo.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "        - |\n          MAX_RETRIES=12\n          RETRY_INTERVAL=10\n" in done.stdout
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "nginx"},
+                  "data": {"nginx.conf": "events {}\nhttp {\n  server { listen 80; }\n}\n"}}
+    done = sidecar("inject", "-", stdin=yaml.safe_dump(config_map))
+    assert "  nginx.conf: |\n    events {}\n    http {\n" in done.stdout
+    assert yaml.safe_load(done.stdout) == config_map
+
+
+def test_exclude_leaves_a_workload_as_it_is() -> None:
+    """--exclude KIND/NAME (or NAME) keeps a workload out without editing its annotations; one
+    that matches nothing is reported."""
+    out, report = inject(str(PUBLIC / "bookinfo.yaml"), "--exclude", "deployment/reviews-v3",
+                         "--exclude", "productpage-v1", "--exclude", "deployment/nope")
+    before = load_docs(PUBLIC / "bookinfo.yaml")
+    for name in ("reviews-v3", "productpage-v1"):
+        assert find(out, "Deployment", name) == find(before, "Deployment", name)
+        assert f"deployment/{name} skipped (--exclude)" in report
+    assert "warning: --exclude deployment/nope matched no workload in the input" in report
