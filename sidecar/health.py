@@ -1,4 +1,13 @@
-"""Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "its port accepts".
+"""Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "it answers like HTTP".
+
+Without a health path the probe sends ``OPTIONS * HTTP/1.1`` until the app first answers:
+any HTTP response (a 404 or a 501 too) is healthy; bytes that are not HTTP (Redis' ``-ERR``,
+a Postgres error packet, a TLS alert, a MySQL greeting) are not, so a pod whose sidecar fronts
+a port that never speaks HTTP never turns Ready.  An app that accepts and closes or stays
+silent (an h2c-only gRPC server refuses HTTP/1.1 that way) counts as "its port accepts", as
+before; gRPC readiness is ``upstream.health_grpc``'s job.  Once an HTTP answer has been seen,
+later probes only connect (so the app's log does not fill with probe requests); an app that
+answered "not HTTP" is asked again at every probe.
 
 The probe runs at once at start-up, then every ``upstream.health_interval``, and
 feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
@@ -18,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import httptools
 from yarl import URL
 
 from .config import UpstreamConfig
@@ -25,7 +35,7 @@ from .log import logger
 from .metrics import Metrics
 from .upstream.reach import base_url, connect_once, connector
 
-__all__ = ("Health", "something_answers")
+__all__ = ("Health", "something_answers", "speaks_http")
 
 _STARTUP_INTERVAL = 0.05
 _WAITING_LOG_EVERY = 5.0  # seconds between "waiting for the upstream" lines
@@ -48,6 +58,7 @@ class Health:
         self.last_error: str | None = "not checked yet"
         self._seen_healthy = False
         self._session: aiohttp.ClientSession | None = None
+        self._probed = False
         url = URL(upstream.url)
         self._target = upstream.unix_path or f"{url.host}:{url.port}"
 
@@ -57,8 +68,11 @@ class Health:
         try:
             if up.health_path:
                 await self._get(up.health_path)
-            else:
+            elif self._probed:
                 await connect_once(up, up.connect_timeout)
+            else:  # until it has answered once without saying it is not HTTP
+                await speaks_http(up, max(up.health_interval, 1.0))
+                self._probed = True
         except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy) as exc:
             self._set(False, self._describe(exc))
         else:
@@ -137,6 +151,46 @@ class Health:
         finally:
             if self._session is not None:
                 await self._session.close()
+
+
+class _StatusLine:
+    """httptools callbacks: only whether a status line was read."""
+
+    seen = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.seen = True
+
+
+async def speaks_http(up: UpstreamConfig, timeout: float) -> bool:
+    """``OPTIONS * HTTP/1.1``: True for an HTTP answer, False for an accepted connection that
+    was closed or left silent; raises ``_Unhealthy`` for an answer that is not HTTP, and
+    OSError/TimeoutError when nothing accepts."""
+    if up.unix_path:
+        opening = asyncio.open_unix_connection(up.unix_path)
+    else:
+        url = URL(up.url)
+        opening = asyncio.open_connection(url.host, url.port)
+    reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
+    status = _StatusLine()
+    parser = httptools.HttpResponseParser(status)
+    try:
+        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     b"User-Agent: drain-sidecar-readiness\r\n\r\n")
+        async with asyncio.timeout(timeout):
+            while not status.seen:
+                data = await reader.read(4096)
+                if not data:
+                    return False
+                parser.feed_data(data)
+        return True
+    except httptools.HttpParserError:
+        where = up.unix_path or f"{URL(up.url).host}:{URL(up.url).port}"
+        raise _Unhealthy(f"the app on {where} did not answer HTTP") from None
+    except (TimeoutError, ConnectionError):
+        return False
+    finally:
+        writer.close()
 
 
 async def something_answers(upstream: UpstreamConfig) -> bool:

@@ -259,7 +259,7 @@ class Proxy:
         return kind
 
     def _error_response(self, exc: BaseException) -> web.Response:
-        resp = upstream_error(self._upstream_failed(exc))
+        resp = upstream_error(self._upstream_failed(exc), exc)
         if self._drain.triggered:
             resp.force_close()
         return resp

@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from ..upstream.connection import UpstreamError
+from ..upstream.connection import NotHTTP, UpstreamError
 
 __all__ = (
     "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
@@ -85,6 +85,8 @@ def request_timeout() -> web.Response:
     return resp
 
 
-def upstream_error(kind: str) -> web.Response:
+def upstream_error(kind: str, exc: BaseException | None = None) -> web.Response:
     status, text = _UPSTREAM_ERRORS[kind]
+    if isinstance(exc, NotHTTP):  # a port that is not HTTP: say so, it is a deploy mistake
+        text = f"502 {exc}\n"
     return web.Response(status=status, text=text)

@@ -29,7 +29,7 @@ from typing import cast
 
 import httptools
 
-__all__ = ("HIGH_WATER", "LOW_WATER", "Connection", "UpstreamError")
+__all__ = ("HIGH_WATER", "LOW_WATER", "Connection", "NotHTTP", "UpstreamError")
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
 LOW_WATER = 64 * 1024
@@ -41,6 +41,22 @@ class UpstreamError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class NotHTTP(UpstreamError):
+    """The app's first bytes were not an HTTP response: the port speaks something else
+    (Redis, Postgres, TLS...).  Counted as ``reset``; the 502 and the log say it in words."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__("reset", f"the app on {address} did not answer HTTP")
+
+
+def _peer(transport: asyncio.Transport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer or "the upstream address")
 
 
 def _closed_early() -> UpstreamError:
@@ -61,6 +77,7 @@ class Connection(asyncio.Protocol):
         self._head_only = False
         self.status = 0
         self.reason = ""
+        self._status_seen = False
         self.headers: list[tuple[str, str]] = []
         self._head_done = False
         self.complete = False
@@ -87,7 +104,10 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
+            if not self._status_seen:  # not even a status line: not an HTTP server
+                self.fail(NotHTTP(_peer(self.transport)))
+            else:
+                self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
 
     def eof_received(self) -> bool:
         self._ended()
@@ -112,6 +132,7 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason.decode("latin-1")
+        self._status_seen = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_done:  # afterwards: trailer fields, dropped
@@ -163,6 +184,7 @@ class Connection(asyncio.Protocol):
         self._head_only = head_only
         self.status = 0
         self.reason = ""
+        self._status_seen = False
         self.headers = []
         self._head_done = False
         self._keep_alive = False
