@@ -204,7 +204,8 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                         help="sidecar config to inject as SIDECAR_* env (default: built-in "
                              "defaults; the shell's SIDECAR_* variables are not read)")
     inject.add_argument("--image", metavar="IMAGE", default=DEFAULT_IMAGE,
-                        help=f"sidecar image (default {DEFAULT_IMAGE}, as the Dockerfile builds it)")
+                        help=f"sidecar image (default {DEFAULT_IMAGE}: a local name, as the "
+                             "Dockerfile builds it; push it and give the registry's name)")
     inject.add_argument("--classic", action="store_true",
                         help="a regular container instead of a native sidecar (Kubernetes < 1.29)")
     inject.add_argument("--port", metavar="NAME|NUMBER",

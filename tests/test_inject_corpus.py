@@ -33,79 +33,79 @@ CORPUS: dict[str, tuple[list[str], list[str], list[str], set[str]]] = {
         "deployment/frontend injected",
         "  - fronts port 8080 of container 'server' (HTTP: service/frontend port name 'http')",
         "deployment/redis-cart skipped (no HTTP port to front)",
-        "  - port 6379 of container 'redis' is not HTTP (service/redis-cart port name "
-        "'tcp-redis'): not fronted, its traffic goes straight to the app",
-        "  - fronts port 5050 of container 'server' (HTTP: service/checkoutservice port name "
-        "'grpc')",
-        "  - upstream.health_grpc is '', what the app's grpc readinessProbe checks: readiness "
-        "also needs the app SERVING",
+        ("  - port 6379 of container 'redis' is not HTTP (service/redis-cart port name "
+        "'tcp-redis'): not fronted, its traffic goes straight to the app"),
+        ("  - fronts port 5050 of container 'server' (HTTP: service/checkoutservice port name "
+        "'grpc')"),
+        ("  - upstream.health_grpc is '', what the app's grpc readinessProbe checks: readiness "
+        "also needs the app SERVING"),
         "deployment/loadgenerator skipped (no TCP container port to front)",
         "service/frontend targetPort 8080 -> 8081 (the sidecar of deployment/frontend)",
     ], {"frontend", "cartservice", "checkoutservice"}),
     "bookinfo": (["bookinfo.yaml"], ["--exclude", "deployment/reviews-v3"], [
         "deployment/reviews-v3 skipped (--exclude)",
-        "  warning: service/reviews is not rewritten: it also selects deployment/reviews-v3, "
+        ("  warning: service/reviews is not rewritten: it also selects deployment/reviews-v3, "
         "which has no sidecar on the same port; its traffic keeps going straight to the app of "
         "deployment/reviews-v1, deployment/reviews-v2 too. Give the app's containerPort a name "
-        "and target that name, so each pod resolves it to its own port",
+        "and target that name, so each pod resolves it to its own port"),
         "service/details targetPort 9080 -> 8080 (the sidecar of deployment/details-v1)",
     ], {"details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "productpage-v1"}),
     "guestbook-go": (["guestbook-go.yaml"], [], [
         "deployment/redis-master skipped (no HTTP port to front)",
-        "  - port 6379 (redis-server) of container 'redis-master' is not HTTP (port name "
-        "'redis-server'): not fronted, its traffic goes straight to the app",
+        ("  - port 6379 (redis-server) of container 'redis-master' is not HTTP (port name "
+        "'redis-server'): not fronted, its traffic goes straight to the app"),
         "replicationcontroller/guestbook injected",
-        "  - port 'http-server' of container 'guestbook' is now 'http-server-app'; the sidecar "
-        "took over 'http-server'",
+        ("  - port 'http-server' of container 'guestbook' is now 'http-server-app'; the sidecar "
+        "took over 'http-server'"),
     ], {"guestbook"}),
     "storm-zookeeper": (["storm-zookeeper.yaml"], [], [
         "pod/zookeeper skipped (no HTTP port to front)",
-        "  - port 2181 of container 'zookeeper' is not HTTP (2181 is a well-known non-HTTP "
-        "port): not fronted, its traffic goes straight to the app",
+        ("  - port 2181 of container 'zookeeper' is not HTTP (2181 is a well-known non-HTTP "
+        "port): not fronted, its traffic goes straight to the app"),
     ], set()),
     "kube-prometheus": (["kube-prometheus-node-exporter.yaml"], [], [
         "daemonset/node-exporter -n monitoring skipped (no HTTP port to front)",
-        "  - port 9100 (https) of container 'kube-rbac-proxy' is not HTTP (service/node-exporter "
-        "-n monitoring port name 'https'): not fronted, its traffic goes straight to the app",
+        ("  - port 9100 (https) of container 'kube-rbac-proxy' is not HTTP (service/node-exporter "
+        "-n monitoring port name 'https'): not fronted, its traffic goes straight to the app"),
     ], set()),
     "argo-rollouts": (["argo-rollouts-bluegreen.yaml"], [], [
         "rollout/rollout-bluegreen injected",
-        "service/rollout-bluegreen-active targetPort 8080 -> 8081 (the sidecar of "
-        "rollout/rollout-bluegreen)",
-        "service/rollout-bluegreen-preview targetPort 8080 -> 8081 (the sidecar of "
-        "rollout/rollout-bluegreen)",
+        ("service/rollout-bluegreen-active targetPort 8080 -> 8081 (the sidecar of "
+        "rollout/rollout-bluegreen)"),
+        ("service/rollout-bluegreen-preview targetPort 8080 -> 8081 (the sidecar of "
+        "rollout/rollout-bluegreen)"),
     ], {"rollout-bluegreen"}),
     "opentelemetry-demo": (["opentelemetry-demo.yaml"], ["--port", "rpc"], [
         "deployment/postgresql skipped (no HTTP port to front)",
-        "  - port 5432 (service) of container 'postgresql' is not HTTP (service/postgresql port "
-        "name 'tcp-service'): not fronted, its traffic goes straight to the app",
+        ("  - port 5432 (service) of container 'postgresql' is not HTTP (service/postgresql port "
+        "name 'tcp-service'): not fronted, its traffic goes straight to the app"),
         "deployment/valkey-cart skipped (no HTTP port to front)",
-        "  - port 6379 (valkey-cart) of container 'valkey-cart' is not HTTP (6379 is a "
-        "well-known non-HTTP port): not fronted, its traffic goes straight to the app",
+        ("  - port 6379 (valkey-cart) of container 'valkey-cart' is not HTTP (6379 is a "
+        "well-known non-HTTP port): not fronted, its traffic goes straight to the app"),
         "deployment/cart skipped (no HTTP port to front)",
-        "  - fronts port 8013 (rpc) of container 'flagd': chosen by --port (HTTP: nothing says "
-        "it is not)",
-        "  - port 4000 (service) of container 'flagd-ui' is not HTTP (service/flagd port name "
-        "'tcp-service-0'): not fronted, its traffic goes straight to the app",
-        "  - port 9092 (plaintext) of container 'kafka' is not HTTP (9092 is a well-known "
-        "non-HTTP port): not fronted, its traffic goes straight to the app",
+        ("  - fronts port 8013 (rpc) of container 'flagd': chosen by --port (HTTP: nothing says "
+        "it is not)"),
+        ("  - port 4000 (service) of container 'flagd-ui' is not HTTP (service/flagd port name "
+        "'tcp-service-0'): not fronted, its traffic goes straight to the app"),
+        ("  - port 9092 (plaintext) of container 'kafka' is not HTTP (9092 is a well-known "
+        "non-HTTP port): not fronted, its traffic goes straight to the app"),
         # Rule 5 speaks for Kafka's controller port (nothing names it): the report says so.
         "  - fronts port 9093 (controller) of container 'kafka' (HTTP: nothing says it is not)",
     ], {"flagd", "kafka"}),
     "podinfo": (["podinfo"], ["--port", "http"], [
-        "kustomization.yaml: skipped (a kustomize Kustomization, not a Kubernetes object: "
-        "render it with 'kubectl kustomize DIR' and pipe that in)",
+        ("kustomization.yaml: skipped (a kustomize Kustomization, not a Kubernetes object: "
+        "render it with 'kubectl kustomize DIR' and pipe that in)"),
         "deployment/podinfo injected",
-        "  - fronts port 9898 (http) of container 'podinfod': chosen by --port (HTTP: "
-        "service/podinfo port name 'http')",
-        "  - port 9999 (grpc) of container 'podinfod' is HTTP too (service/podinfo port name "
-        "'grpc') but not fronted: the sidecar fronts one port",
+        ("  - fronts port 9898 (http) of container 'podinfod': chosen by --port (HTTP: "
+        "service/podinfo port name 'http')"),
+        ("  - port 9999 (grpc) of container 'podinfod' is HTTP too (service/podinfo port name "
+        "'grpc') but not fronted: the sidecar fronts one port"),
     ], {"podinfo"}),
     "emojivoto": (["emojivoto"], ["--port", "grpc"], [
         "kustomization.yml: skipped (a kustomize Kustomization",
         "deployment/emoji -n emojivoto injected",
-        "  - fronts port 8080 (grpc) of container 'emoji-svc': chosen by --port (HTTP: "
-        "service/emoji-svc -n emojivoto port name 'grpc')",
+        ("  - fronts port 8080 (grpc) of container 'emoji-svc': chosen by --port (HTTP: "
+        "service/emoji-svc -n emojivoto port name 'grpc')"),
         "deployment/web -n emojivoto injected",
         "deployment/vote-bot -n emojivoto skipped (no TCP container port to front)",
     ], {"emoji", "voting", "web"}),
