@@ -1,13 +1,14 @@
-"""Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "it answers like HTTP".
+"""Upstream health: GET ``upstream.health_path`` (2xx = healthy), else "its port accepts, and
+it does not answer like something other than HTTP".
 
-Without a health path the probe sends ``OPTIONS * HTTP/1.1`` until the app first answers:
-any HTTP response (a 404 or a 501 too) is healthy; bytes that are not HTTP (Redis' ``-ERR``,
-a Postgres error packet, a TLS alert, a MySQL greeting) are not, so a pod whose sidecar fronts
-a port that never speaks HTTP never turns Ready.  An app that accepts and closes or stays
-silent (an h2c-only gRPC server refuses HTTP/1.1 that way) counts as "its port accepts", as
-before; gRPC readiness is ``upstream.health_grpc``'s job.  Once an HTTP answer has been seen,
-later probes only connect (so the app's log does not fill with probe requests); an app that
-answered "not HTTP" is asked again at every probe.
+Without a health path the first probe that connects writes one HTTP request *line*
+(``OPTIONS * HTTP/1.1``, no headers yet) and listens for ``_LISTEN`` seconds.  An HTTP server
+waits for the rest of the head, so none of its handlers runs and nothing reaches its logs; a
+server of another protocol answers that line or speaks first (Redis' ``-ERR``, Memcached's
+``ERROR``, a MySQL or SMTP greeting, an AMQP header, a TLS alert): bytes that are not an HTTP
+status line keep readiness red with "the app on HOST:PORT did not answer HTTP", asked again at
+every probe.  Silence, a close, or an HTTP answer count as "accepts", and later probes only
+connect.  (A full request would be surer, but it would reach every app's handlers and logs.)
 
 The probe runs at once at start-up, then every ``upstream.health_interval``, and
 feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
@@ -35,10 +36,11 @@ from .log import logger
 from .metrics import Metrics
 from .upstream.reach import base_url, connect_once, connector
 
-__all__ = ("Health", "something_answers", "speaks_http")
+__all__ = ("Health", "not_other_protocol", "something_answers")
 
 _STARTUP_INTERVAL = 0.05
 _WAITING_LOG_EVERY = 5.0  # seconds between "waiting for the upstream" lines
+_LISTEN = 0.25  # how long the first probe listens for an answer to half an HTTP request
 
 
 class Health:
@@ -70,8 +72,8 @@ class Health:
                 await self._get(up.health_path)
             elif self._probed:
                 await connect_once(up, up.connect_timeout)
-            else:  # until it has answered once without saying it is not HTTP
-                await speaks_http(up, max(up.health_interval, 1.0))
+            else:  # until it has once not answered like another protocol
+                await not_other_protocol(up)
                 self._probed = True
         except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy) as exc:
             self._set(False, self._describe(exc))
@@ -162,10 +164,9 @@ class _StatusLine:
         self.seen = True
 
 
-async def speaks_http(up: UpstreamConfig, timeout: float) -> bool:
-    """``OPTIONS * HTTP/1.1``: True for an HTTP answer, False for an accepted connection that
-    was closed or left silent; raises ``_Unhealthy`` for an answer that is not HTTP, and
-    OSError/TimeoutError when nothing accepts."""
+async def not_other_protocol(up: UpstreamConfig, listen: float = _LISTEN) -> None:
+    """Write an HTTP request line and listen: raise ``_Unhealthy`` if the app answers bytes
+    that are not HTTP; OSError/TimeoutError if nothing accepts (see the module doc)."""
     if up.unix_path:
         opening = asyncio.open_unix_connection(up.unix_path)
     else:
@@ -175,20 +176,15 @@ async def speaks_http(up: UpstreamConfig, timeout: float) -> bool:
     status = _StatusLine()
     parser = httptools.HttpResponseParser(status)
     try:
-        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                     b"User-Agent: drain-sidecar-readiness\r\n\r\n")
-        async with asyncio.timeout(timeout):
-            while not status.seen:
-                data = await reader.read(4096)
-                if not data:
-                    return False
+        writer.write(b"OPTIONS * HTTP/1.1\r\n")
+        async with asyncio.timeout(listen):
+            while not status.seen and (data := await reader.read(4096)):
                 parser.feed_data(data)
-        return True
     except httptools.HttpParserError:
         where = up.unix_path or f"{URL(up.url).host}:{URL(up.url).port}"
         raise _Unhealthy(f"the app on {where} did not answer HTTP") from None
     except (TimeoutError, ConnectionError):
-        return False
+        pass  # silent, or closed: what an HTTP server does with half a request
     finally:
         writer.close()
 

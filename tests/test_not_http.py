@@ -3,9 +3,10 @@
 `sidecar inject` never fronts such a port on its own (tests/test_inject_ports.py), but a user
 can choose it, or a port can say nothing about itself (the contract's rule 5).  Then the proxy
 answers 502 with "the app on HOST:PORT did not answer HTTP" (and logs the same), and readiness
-without upstream.health_path does not turn green: its probe (``OPTIONS * HTTP/1.1``) gets bytes
-that are not HTTP.  An app that accepts and stays silent (as an h2c-only gRPC server does with
-HTTP/1.1) still counts as "its port accepts", as before.
+without upstream.health_path does not turn green: its first probe writes half an HTTP request
+(the line ``OPTIONS * HTTP/1.1``, which an HTTP server waits to complete) and gets bytes that
+are not HTTP.  An app that stays silent (every HTTP server, and an h2c-only gRPC server) still
+counts as "its port accepts", as before.
 
 The non-HTTP app is a real TCP server that answers every line like Redis (``-ERR ...``), and the
 real ``redis-server`` when it is installed.
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from tests.conftest import StartSidecar, free_port, wait_port
+from tests.conftest import StartSidecar, free_port, upstream_events, wait_port
 
 FAST = {"upstream": {"health_interval": "200ms", "connect_timeout": "1s"}}
 
@@ -101,7 +102,8 @@ async def test_a_request_to_an_app_that_is_not_http_gets_a_502_saying_so(
         assert resp.status == 502
         assert await resp.text() == f"502 the app on 127.0.0.1:{port} did not answer HTTP\n"
     entry = await sidecar.wait_log("upstream error")
-    assert entry["error"] == f"the app on 127.0.0.1:{port} did not answer HTTP"
+    assert entry["error"] == ("invalid response from the upstream: the app on "
+                              f"127.0.0.1:{port} did not answer HTTP")
     assert entry["kind"] == "reset"
 
 
@@ -121,11 +123,12 @@ async def test_readiness_without_health_path_stays_red_for_an_app_that_is_not_ht
 async def test_readiness_without_health_path_is_green_for_any_http_answer(
         start_sidecar: StartSidecar, tcp_app: Callable[[Handler], Awaitable[int]],
         upstream: aiohttp.test_utils.TestServer) -> None:
-    """An HTTP app that answers OPTIONS * with 404 is up; so is one that accepts and stays
-    silent (an h2c-only gRPC server turns HTTP/1.1 away like that): only a non-HTTP answer
-    is held against it."""
+    """An HTTP app waits for the rest of the probe's request (so none of its handlers sees it:
+    the test app records nothing) and is up; so is any app that accepts and stays silent: only
+    a non-HTTP answer is held against it."""
     sidecar = await start_sidecar(FAST, upstream=f"http://127.0.0.1:{upstream.port}")
     await asyncio.wait_for(_until_ready(sidecar.admin), 15)
+    assert upstream_events(upstream) == []
     silent = await tcp_app(_silent)
     quiet = await start_sidecar(FAST, upstream=f"http://127.0.0.1:{silent}")
     await asyncio.wait_for(_until_ready(quiet.admin), 15)

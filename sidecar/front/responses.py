@@ -88,5 +88,5 @@ def request_timeout() -> web.Response:
 def upstream_error(kind: str, exc: BaseException | None = None) -> web.Response:
     status, text = _UPSTREAM_ERRORS[kind]
     if isinstance(exc, NotHTTP):  # a port that is not HTTP: say so, it is a deploy mistake
-        text = f"502 {exc}\n"
+        text = f"502 {exc.what}\n"
     return web.Response(status=status, text=text)

@@ -48,7 +48,8 @@ class NotHTTP(UpstreamError):
     (Redis, Postgres, TLS...).  Counted as ``reset``; the 502 and the log say it in words."""
 
     def __init__(self, address: str) -> None:
-        super().__init__("reset", f"the app on {address} did not answer HTTP")
+        self.what = f"the app on {address} did not answer HTTP"
+        super().__init__("reset", f"invalid response from the upstream: {self.what}")
 
 
 def _peer(transport: asyncio.Transport | None) -> str:
