@@ -25,7 +25,8 @@ from tests.injecting import (
 
 def test_the_port_annotation_chooses_among_several_ports() -> None:
     """A two-container StatefulSet with three ports: sidecar.drain/port picks `query`; the other
-    container and ports are untouched; tuning annotations reach the env."""
+    ports are untouched (the other container only gains the preStop that waits for the drain,
+    as it serves traffic too); tuning annotations reach the env."""
     docs, _ = inject(str(MANIFESTS / "statefulset-multi.yaml"))
     spec = template(find(docs, "StatefulSet", "search"))["spec"]
     engine, exporter = container(spec, "engine"), container(spec, "exporter")
