@@ -116,3 +116,17 @@ def test_a_service_targeting_a_port_that_is_not_fronted_is_left_alone() -> None:
     assert find(out, "Service", "redis-cart") == find(before, "Service", "redis-cart")
     assert find(out, "Deployment", "redis-cart") == find(before, "Deployment", "redis-cart")
     assert not any(line.startswith("service/redis-cart") for line in report.splitlines())
+
+
+def test_a_headless_service_warns_only_when_it_carries_the_fronted_port(tmp_path: Path) -> None:
+    """A StatefulSet's governing headless Service that lists the fronted port (by name) gets
+    the warning; one that lists only the peers' transport port is none of the sidecar's
+    business and gets none."""
+    _, report = inject(str(MANIFESTS / "statefulset-multi.yaml"))
+    assert "warning: service/search is headless (clusterIP: None)" in report
+    docs = load_docs(MANIFESTS / "statefulset-multi.yaml")
+    find(docs, "Service", "search")["spec"]["ports"] = [
+        {"name": "transport", "port": 9300, "targetPort": "transport"}]
+    out, report = inject(str(write(tmp_path, docs)))
+    assert "headless" not in report
+    assert find(out, "Service", "search") == find(docs, "Service", "search")

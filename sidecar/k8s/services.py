@@ -109,7 +109,8 @@ def _retarget_one(service: dict[str, Any], selected: list[Workload], fronted: li
     ports = (service.get("spec") or {}).get("ports") or []
     hits = [i for i, p in enumerate(ports) if any(
         str(p.get("targetPort", p.get("port"))) == str(n) for n, _ in numbers)]
-    if _headless(service):
+    named = {w.outcome.app_port.name for w in fronted if w.outcome.app_port is not None} - {None}
+    if _headless(service) and (hits or any(p.get("targetPort") in named for p in ports)):
         return [(f"  warning: {name} is headless (clusterIP: None): its clients connect to the "
                 f"pods directly on the port they know, not through it; point them at the "
                 f"sidecar's port {first.sidecar_port} (or give the Service a cluster IP), or they "
