@@ -5,7 +5,8 @@ commit and licence): Google's microservices-demo, Istio's bookinfo, kubernetes/e
 guestbook-go (a ReplicationController, Redis) and storm ZooKeeper, kube-prometheus' node-exporter
 (kube-rbac-proxy's TLS port, a headless Service), an Argo Rollout, the OpenTelemetry demo's
 rendered chart (Postgres, Valkey, Kafka, flagd), podinfo's and emojivoto's kustomize
-directories.  For each: the report says what was fronted and why, what was not and why; the
+directories, and ingress-nginx (whose controller has a preStop of its own: refused unless
+excluded).  For each: the report says what was fronted and why, what was not and why; the
 output validates strictly against a recent Kubernetes; uninject gives back exactly what went
 in; injecting twice changes nothing.
 """
@@ -109,8 +110,13 @@ CORPUS: dict[str, tuple[list[str], list[str], list[str], set[str]]] = {
         "deployment/web -n emojivoto injected",
         "deployment/vote-bot -n emojivoto skipped (no TCP container port to front)",
     ], {"emoji", "voting", "web"}),
+    "ingress-nginx": (["ingress-nginx.yaml"], ["--exclude", "ingress-nginx-controller"], [
+        "deployment/ingress-nginx-controller -n ingress-nginx skipped (--exclude)",
+        ("job/ingress-nginx-admission-create -n ingress-nginx skipped (no TCP container port to "
+         "front)"),
+    ], set()),
 }
-_WORKLOADS = {"Deployment", "DaemonSet", "Pod", "ReplicationController", "Rollout"}
+_WORKLOADS = {"Deployment", "DaemonSet", "Job", "Pod", "ReplicationController", "Rollout"}
 IMAGE = ["--image", "ghcr.io/example/sidecar:0.1.0"]
 
 
@@ -188,3 +194,15 @@ def test_injecting_the_corpus_twice_changes_nothing(source: str, tmp_path: Path)
     twice = sidecar("inject", str(tmp_path / "once.yaml"), *CORPUS[source][1], *IMAGE)
     assert twice.returncode == 0, twice.stderr
     assert twice.stdout == out
+
+
+def test_a_real_app_with_its_own_prestop_is_refused_with_the_ways_out() -> None:
+    """ingress-nginx's controller waits for nginx in its own preStop (/wait-shutdown): inject
+    does not drop it silently; exit 2, nothing written, and the message names the ways out,
+    --exclude among them (which the corpus run above uses)."""
+    done = sidecar("inject", str(PUBLIC / "ingress-nginx.yaml"), *IMAGE)
+    assert done.returncode == 2 and done.stdout == ""
+    assert ("sidecar inject: deployment/ingress-nginx-controller -n ingress-nginx: container "
+            "'controller' has its own preStop hook (exec)") in done.stderr
+    assert "or leave the workload out (annotation sidecar.drain/inject: disabled, or --exclude)" \
+        in done.stderr

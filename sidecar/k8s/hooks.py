@@ -58,7 +58,8 @@ def check_hooks(containers: list[dict[str, Any]], app: int, admin_port: int) -> 
                     f"container {name!r} has its own preStop hook ({', '.join(sorted(hook))}); "
                     "the sidecar needs the app's preStop to call /drain, and a container has "
                     "only one. Move that work into the app's SIGTERM handler (or the sidecar's "
-                    "exit.http), remove the hook, or annotate sidecar.drain/inject: disabled")
+                    "exit.http), remove the hook, or leave the workload out (annotation "
+                    "sidecar.drain/inject: disabled, or --exclude)")
             hooks.warnings.append(
                 f"container {name!r} serves ports and keeps its own preStop hook "
                 f"({', '.join(sorted(hook))}): it gets SIGTERM when that hook ends, maybe while "
