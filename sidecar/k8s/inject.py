@@ -173,7 +173,7 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
         raise InjectError([str(exc)]) from None
     app = choice.app
     if app is None:
-        warnings = ([] if choice.notes else
+        warnings = ([] if choice.notes or batch else  # a batch task that serves nothing
                     [("no container port to front: give the app's containerPort, or annotate "
                      "it sidecar.drain/inject: disabled")])
         return Outcome("skipped", choice.reason, notes=choice.notes, warnings=warnings)
