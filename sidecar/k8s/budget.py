@@ -34,18 +34,20 @@ class Fitted:
     notes: list[str] = field(default_factory=list)
 
 
-def _builtin(config: Config, dotted: str) -> bool:
+def _builtin(config: Config, defaults: Config, dotted: str) -> bool:
     section, key = dotted.split(".")
     return bool(getattr(getattr(config, section), key)
-                == getattr(getattr(load(None), section), key))
+                == getattr(getattr(defaults, section), key))
 
 
 def fit(config_path: str | None, base: Config, annotations: Mapping[str, Any], *,
         listen: str, admin: str, upstream: str, pod_grace: int | None,
         slept: float | None, grpc_service: str | None) -> Fitted:
     """The workload's config with the four choices above; ConfigError names annotations."""
+    builtin = load(None)
+
     def free(dotted: str) -> bool:
-        return not sets(annotations, dotted) and _builtin(base, dotted)
+        return not sets(annotations, dotted) and _builtin(base, builtin, dotted)
 
     def config(defaults: dict[str, tuple[str, str]]) -> Config:
         return workload_config(config_path, annotations, listen=listen, admin=admin,

@@ -1,9 +1,10 @@
 """Adding the drain sidecar to one pod template, and taking it out again.
 
 :func:`inject_pod` edits a pod template's metadata and spec in place: the sidecar container
-(a native sidecar, or a regular container with ``classic``), the app's ``preStop`` -> ``/drain``,
-the Service-facing port taken over by name, the grace period, the PodMonitor's label and a status
-annotation.  Everything it replaced is saved in the ``sidecar.drain/original`` annotation, which
+(a native sidecar, or a regular container with ``classic``) in front of the pod's HTTP port
+(:mod:`.protocols` judges each port), ``preStop`` -> ``/drain`` for every container that serves
+(:mod:`.hooks`), the fronted port's name taken over, the budget (:mod:`.budget`), the
+PodMonitor's label and a status annotation.  Everything it replaced is saved in the ``sidecar.drain/original`` annotation, which
 :func:`uninject_pod` restores exactly.  Bad input raises :class:`InjectError` naming the
 annotation or field; nothing here reads files or prints.
 """
