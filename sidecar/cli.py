@@ -194,17 +194,29 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     inject = sub.add_parser(
         "inject", help="add the sidecar to the workloads in Kubernetes manifests",
         description="Write the manifests to stdout with the drain sidecar added to every "
-                    "Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and Pod; a "
-                    "report on stderr. Exit 0, or 2 (nothing written) for unreadable input or "
-                    "a bad sidecar.drain/* annotation; 1 if the output cannot be written.")
+                    "Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, "
+                    "CronJob, Pod and Argo Rollout, in front of its HTTP port (HTTP/1.1, h2c, "
+                    "gRPC; a port that is not HTTP is never fronted); a report on stderr. Exit 0, "
+                    "or 2 (nothing written) for unreadable input or a bad sidecar.drain/* "
+                    "annotation; 1 if the output cannot be written.")
     inject.add_argument("inputs", **inputs)  # type: ignore[arg-type]
     inject.add_argument("--config", metavar="PATH",
                         help="sidecar config to inject as SIDECAR_* env (default: built-in "
                              "defaults; the shell's SIDECAR_* variables are not read)")
     inject.add_argument("--image", metavar="IMAGE", default=DEFAULT_IMAGE,
-                        help=f"sidecar image (default {DEFAULT_IMAGE}, as the Dockerfile builds it)")
+                        help=f"sidecar image (default {DEFAULT_IMAGE}: a local name, as the "
+                             "Dockerfile builds it; push it and give the registry's name)")
     inject.add_argument("--classic", action="store_true",
                         help="a regular container instead of a native sidecar (Kubernetes < 1.29)")
+    inject.add_argument("--port", metavar="NAME|NUMBER",
+                        help="the container port to front in every workload that has it (the "
+                             "sidecar.drain/port annotation wins); others choose as without it")
+    inject.add_argument("--exclude", metavar="KIND/NAME", action="append", default=[],
+                        help="leave this workload as it is (e.g. deployment/reviews-v3 or just "
+                             "its name); repeatable")
+    inject.add_argument("--keep-service", action="store_true",
+                        help="rewrite no Service targetPort (phase one of a rollout onto running "
+                             "pods: inject again without it once every pod has the sidecar)")
     output = {"choices": ("yaml", "json"), "default": "yaml",
               "help": "output format (default yaml; json: one object, or a List of several)"}
     inject.add_argument("-o", "--output", **output)  # type: ignore[arg-type]
@@ -220,19 +232,22 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def _inject(args: argparse.Namespace) -> int:
     from .k8s.inject import InjectError, Options
-    from .k8s.manifests import InputError, dump, inject_all, read, uninject_all
+    from .k8s.manifests import InputError, dump, inject_all, kubernetes_only, read, uninject_all
 
     verb = f"sidecar {args.command}"
     if not args.inputs and sys.stdin.isatty():
         print(f"{verb}: give FILE, DIR or - (stdin is a terminal)", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        docs = read(args.inputs)
+        docs, report = kubernetes_only(read(args.inputs))
         if args.command == "inject":
             config = load(args.config)
-            report = inject_all(docs, Options(config, args.config, args.image, args.classic))
+            options = Options(config, args.config, args.image, args.classic, port=args.port,
+                              keep_service=args.keep_service,
+                              exclude=frozenset(e.strip().lower() for e in args.exclude))
+            report += inject_all(docs, options)
         else:
-            report = uninject_all(docs)
+            report += uninject_all(docs)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{verb}: --config: {problem}", file=sys.stderr)

@@ -1,6 +1,15 @@
 """Upstream health: GET ``upstream.health_path`` (2xx = healthy) and/or the gRPC health call
 (``upstream.health_grpc``: ``grpc.health.v1.Health/Check`` answers SERVING), else "its port
-accepts".
+accepts, and it does not answer like something other than HTTP".
+
+Without a health path the first probe that connects writes one HTTP request *line*
+(``OPTIONS * HTTP/1.1``, no headers yet) and listens for ``_LISTEN`` seconds.  An HTTP server
+waits for the rest of the head, so none of its handlers runs and nothing reaches its logs; a
+server of another protocol answers that line or speaks first (Redis' ``-ERR``, Memcached's
+``ERROR``, a MySQL or SMTP greeting, an AMQP header, a TLS alert): bytes that are not an HTTP
+status line keep readiness red with "the app on HOST:PORT did not answer HTTP", asked again at
+every probe.  Silence, a close, or an HTTP answer count as "accepts", and later probes only
+connect.  (A full request would be surer, but it would reach every app's handlers and logs.)
 
 The probe runs at once at start-up, then every ``upstream.health_interval``, and
 feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
@@ -20,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import httptools
 from yarl import URL
 
 from .config import UpstreamConfig
@@ -28,10 +38,11 @@ from .metrics import Metrics
 from .upstream.grpc_health import GrpcHealthCall, GrpcUnhealthy
 from .upstream.reach import base_url, connect_once, connector, dial, host_header
 
-__all__ = ("Health", "something_answers")
+__all__ = ("Health", "not_other_protocol", "something_answers")
 
 _STARTUP_INTERVAL = 0.05
 _WAITING_LOG_EVERY = 5.0  # seconds between "waiting for the upstream" lines
+_LISTEN = 0.25  # how long the first probe listens for an answer to half an HTTP request
 
 
 class Health:
@@ -51,6 +62,7 @@ class Health:
         self.last_error: str | None = "not checked yet"
         self._seen_healthy = False
         self._session: aiohttp.ClientSession | None = None
+        self._probed = False
         url = URL(upstream.url)
         self._target = upstream.unix_path or f"{url.host}:{url.port}"
 
@@ -62,8 +74,13 @@ class Health:
                 await self._get(up.health_path)
             if up.health_grpc is not None:
                 await self._grpc(up.health_grpc)
-            elif not up.health_path:
+            if up.health_path or up.health_grpc is not None:
+                pass
+            elif self._probed:  # no check of the app's own: its port accepts
                 await connect_once(up, up.connect_timeout)
+            else:  # until it has once not answered like another protocol
+                await not_other_protocol(up)
+                self._probed = True
         except (OSError, aiohttp.ClientError, TimeoutError, _Unhealthy, GrpcUnhealthy) as exc:
             self._set(False, self._describe(exc))
         else:
@@ -159,6 +176,40 @@ class Health:
         finally:
             if self._session is not None:
                 await self._session.close()
+
+
+class _StatusLine:
+    """httptools callbacks: only whether a status line was read."""
+
+    seen = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.seen = True
+
+
+async def not_other_protocol(up: UpstreamConfig, listen: float = _LISTEN) -> None:
+    """Write an HTTP request line and listen: raise ``_Unhealthy`` if the app answers bytes
+    that are not HTTP; OSError/TimeoutError if nothing accepts (see the module doc)."""
+    if up.unix_path:
+        opening = asyncio.open_unix_connection(up.unix_path)
+    else:
+        url = URL(up.url)
+        opening = asyncio.open_connection(url.host, url.port)
+    reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
+    status = _StatusLine()
+    parser = httptools.HttpResponseParser(status)
+    try:
+        writer.write(b"OPTIONS * HTTP/1.1\r\n")
+        async with asyncio.timeout(listen):
+            while not status.seen and (data := await reader.read(4096)):
+                parser.feed_data(data)
+    except httptools.HttpParserError:
+        where = up.unix_path or f"{URL(up.url).host}:{URL(up.url).port}"
+        raise _Unhealthy(f"the app on {where} did not answer HTTP") from None
+    except (TimeoutError, ConnectionError):
+        pass  # silent, or closed: what an HTTP server does with half a request
+    finally:
+        writer.close()
 
 
 async def something_answers(upstream: UpstreamConfig) -> bool:

@@ -204,7 +204,7 @@ class Forwarder:
         return kind
 
     def _error_response(self, exc: BaseException) -> web.Response:
-        resp = upstream_error(self._upstream_failed(exc))
+        resp = upstream_error(self._upstream_failed(exc), exc)
         if self._drain.triggered:
             resp.force_close()
         return resp

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
-from ..upstream.connection import UpstreamError
+from ..upstream.connection import NotHTTP, UpstreamError
 
 __all__ = (
     "ClientSink", "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
@@ -144,6 +144,8 @@ def request_timeout() -> web.Response:
     return resp
 
 
-def upstream_error(kind: str) -> web.Response:
+def upstream_error(kind: str, exc: BaseException | None = None) -> web.Response:
     status, text = _UPSTREAM_ERRORS[kind]
+    if isinstance(exc, NotHTTP):  # a port that is not HTTP: say so, it is a deploy mistake
+        text = f"502 {exc.what}\n"
     return web.Response(status=status, text=text)

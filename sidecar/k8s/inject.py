@@ -1,9 +1,10 @@
 """Adding the drain sidecar to one pod template, and taking it out again.
 
 :func:`inject_pod` edits a pod template's metadata and spec in place: the sidecar container
-(a native sidecar, or a regular container with ``classic``), the app's ``preStop`` -> ``/drain``,
-the Service-facing port taken over by name, the grace period, the PodMonitor's label and a status
-annotation.  Everything it replaced is saved in the ``sidecar.drain/original`` annotation, which
+(a native sidecar, or a regular container with ``classic``) in front of the pod's HTTP port
+(:mod:`.protocols` judges each port), ``preStop`` -> ``/drain`` for every container that serves
+(:mod:`.hooks`), the fronted port's name taken over, the budget (:mod:`.budget`), the
+PodMonitor's label and a status annotation.  Everything it replaced is saved in the ``sidecar.drain/original`` annotation, which
 :func:`uninject_pod` restores exactly.  Bad input raises :class:`InjectError` naming the
 annotation or field; nothing here reads files or prints.
 """
@@ -19,15 +20,11 @@ from typing import Any
 
 from .. import __version__
 from ..config import Address, Config, ConfigError
-from .podconfig import (
-    PREFIX,
-    RESOURCES,
-    config_digest,
-    container_env,
-    read_annotations,
-    workload_config,
-)
+from .budget import fit
+from .hooks import add_drain_hooks, check_hooks
+from .podconfig import PREFIX, RESOURCES, config_digest, container_env, read_annotations
 from .podports import AppPort, choose_port, free_port_number, rename_port, sidecar_port_names
+from .protocols import ServicePort
 
 __all__ = (
     "CONTAINER",
@@ -49,7 +46,6 @@ STATUS = PREFIX + "status"
 ORIGINAL = PREFIX + "original"
 _THIRD_PARTY = ("istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar")
 _MESH_INJECT = {"sidecar.istio.io/inject": "true", "linkerd.io/inject": "enabled"}
-_SLEEP_SHELLS = (["sh", "-c"], ["/bin/sh", "-c"], ["bash", "-c"], ["/bin/bash", "-c"])
 
 
 class InjectError(Exception):
@@ -68,6 +64,9 @@ class Options:
     config_path: str | None = None
     image: str = DEFAULT_IMAGE
     classic: bool = False
+    port: str | None = None          # --port NAME|NUMBER, for the workloads that have it
+    keep_service: bool = False       # --keep-service: no Service targetPort is rewritten
+    exclude: frozenset[str] = frozenset()  # --exclude KIND/NAME: left as they are
 
 
 @dataclass
@@ -87,20 +86,6 @@ def _digest(meta: dict[str, Any], spec: dict[str, Any]) -> str:
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != STATUS}
     text = json.dumps([meta.get("labels"), annotations, spec], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _sleep_seconds(hook: dict[str, Any]) -> float | None:
-    """The seconds of a preStop that only sleeps (``sleep:``, ``sleep N``, ``sh -c "sleep N"``)."""
-    if set(hook) == {"sleep"}:
-        return float(hook["sleep"].get("seconds", 0))
-    command = (hook.get("exec") or {}).get("command") or []
-    if set(hook) != {"exec"}:
-        return None
-    if command[:2] in _SLEEP_SHELLS and len(command) == 3:
-        command = command[2].split()
-    if len(command) == 2 and command[0] in ("sleep", "/bin/sleep") and command[1].isdigit():
-        return float(command[1])
-    return None
 
 
 def _sidecar(options: Options, image: str, env: list[dict[str, str]],
@@ -138,12 +123,34 @@ def _sidecar(options: Options, image: str, env: list[dict[str, str]],
     return container
 
 
+def _already(spec: dict[str, Any], meta: dict[str, Any]) -> Outcome:
+    """An injected template: what its sidecar fronts, so a second run can still retarget a
+    Service (the second phase of a two-phase apply, see --keep-service)."""
+    outcome = Outcome("already injected")
+    side = next((c for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])
+                 if c.get("name") == CONTAINER), None)
+    url = next((e.get("value", "") for e in (side or {}).get("env") or []
+                if e.get("name") == "SIDECAR_UPSTREAM_URL"), "")
+    port = url.rpartition(":")[2]
+    if side and side.get("ports") and port.isdigit():
+        outcome.app_port = AppPort(0, int(port), None)
+        outcome.sidecar_port = int(side["ports"][0]["containerPort"])
+        outcome.labels = {k: v for k, v in (meta.get("labels") or {}).items() if k != LABEL[0]}
+    return outcome
+
+
+def _grpc_service(container: dict[str, Any]) -> str | None:
+    """The service a ``grpc:`` readinessProbe checks ("" = the whole server), if it has one."""
+    probe = (container.get("readinessProbe") or {}).get("grpc")
+    return None if probe is None else str(probe.get("service") or "")
+
+
 def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
-               *, batch: bool = False) -> Outcome:
+               *, batch: bool = False, service_ports: list[ServicePort] | None = None) -> Outcome:
     """Add the sidecar to one pod template (edited in place); raise InjectError on bad input."""
     annotations = meta.get("annotations") or {}
     if STATUS in annotations:
-        return Outcome("already injected")
+        return _already(spec, meta)
     try:
         control, _ = read_annotations(annotations)
     except ValueError as exc:
@@ -160,64 +167,45 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     if batch and options.classic:
         return Outcome("skipped", "a regular sidecar container would keep the Job from "
                                   "completing; inject it as a native sidecar (without --classic)")
-
-    warnings: list[str] = []
-    if spec.get("hostNetwork"):
-        warnings.append("hostNetwork: true: the sidecar's ports are the node's ports, so two "
-                        "such pods on one node clash")
-    for c in containers + inits:
-        if c.get("name") in _THIRD_PARTY:
-            warnings.append(f"container {c['name']!r} is another proxy: its traffic capture "
-                            "and shutdown order are not coordinated with the drain")
-    marks = {**(meta.get("labels") or {}), **annotations}
-    for key, value in _MESH_INJECT.items():
-        if str(marks.get(key, "")).lower() == value:
-            warnings.append(f"{key}: {value}: a mesh proxy will be added too; its traffic "
-                            "capture and shutdown order are not coordinated with the drain")
     try:
-        app = choose_port(containers, control.get("port"))
+        choice = choose_port(containers, annotation=control.get("port"), flag=options.port,
+                             service_ports=service_ports)
     except ValueError as exc:
         raise InjectError([str(exc)]) from None
+    app = choice.app
     if app is None:
-        return Outcome("skipped", "no TCP container port to front",
-                       warnings=[*warnings, ("no container port to front: give the app's "
-                                 "containerPort, or annotate it sidecar.drain/inject: disabled")])
+        warnings = ([] if choice.notes or batch else  # a batch task that serves nothing
+                    [("no container port to front: give the app's containerPort, or annotate "
+                     "it sidecar.drain/inject: disabled")])
+        return Outcome("skipped", choice.reason, notes=choice.notes, warnings=warnings)
+    warnings = _warnings(meta, spec, containers + inits, app)
     app_container = containers[app.container]
-    for port in app_container.get("ports") or []:
-        if port.get("containerPort") == app.number and port.get("hostPort"):
-            warnings.append(f"port {app.number} has hostPort {port['hostPort']}: traffic to "
-                            "the node's port reaches the app past the sidecar")
-    hook = (app_container.get("lifecycle") or {}).get("preStop")
-    notes: list[str] = []
-    if hook is not None:
-        slept = _sleep_seconds(hook)
-        if slept is None:
-            raise InjectError([
-                (f"container {app_container['name']!r} has its own preStop hook "
-                f"({', '.join(sorted(hook))}); the sidecar needs the app's preStop to call "
-                "/drain, and a container has only one. Move that work into the app's SIGTERM "
-                "handler (or the sidecar's exit.http), remove the hook, or annotate "
-                f"{PREFIX}inject: disabled")])
-        notes.append(f"its preStop sleep {slept:g}s is replaced by /drain "
-                     "(drain.delay keeps the pod serving while endpoints update)")
 
     base = options.config
     taken = {int(p["containerPort"]) for c in containers + inits for p in c.get("ports") or []}
     listen_port = free_port_number(base.listen.port, taken)
     admin_port = free_port_number(base.admin.port, taken | {listen_port})
+    try:
+        hooks = check_hooks(containers, app.container, admin_port)
+    except ValueError as exc:
+        raise InjectError([str(exc)]) from None
+    notes = [*choice.notes, *hooks.notes]
+    warnings += hooks.warnings
     for wanted, got in ((base.listen.port, listen_port), (base.admin.port, admin_port)):
         if wanted != got:
             notes.append(f"port {wanted} is taken in the pod: the sidecar uses {got}")
-    current = spec.get("terminationGracePeriodSeconds", 30)
-    longer = current if isinstance(current, int) and current > base.drain.grace_period else None
+    current = spec.get("terminationGracePeriodSeconds")
     try:
-        config = workload_config(
-            options.config_path, annotations,
-            listen=str(Address(base.listen.host, listen_port)),
-            admin=str(Address(base.admin.host, admin_port)),
-            upstream=f"http://127.0.0.1:{app.number}", grace_period=longer)
+        fitted = fit(options.config_path, base, annotations,
+                     listen=str(Address(base.listen.host, listen_port)),
+                     admin=str(Address(base.admin.host, admin_port)),
+                     upstream=f"http://127.0.0.1:{app.number}",
+                     pod_grace=current if isinstance(current, int) else None,
+                     slept=hooks.slept, grpc_service=_grpc_service(app_container))
     except ConfigError as exc:
         raise InjectError(exc.problems) from None
+    config = fitted.config
+    notes += fitted.notes
 
     original = copy.deepcopy({"labels": meta.get("labels"),
                               "annotations": meta.get("annotations"), "spec": spec})
@@ -230,8 +218,7 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
         new_name = rename_port(app_container, app.name, containers + inits)
         notes.append(f"port {app.name!r} of container {app_container['name']!r} is now "
                      f"{new_name!r}; the sidecar took over {app.name!r}")
-    lifecycle = app_container.setdefault("lifecycle", {})
-    lifecycle["preStop"] = {"httpGet": {"path": "/drain", "port": admin_port}}
+    add_drain_hooks(containers, hooks, admin_port)
 
     image = control.get("image") or options.image
     sidecar = _sidecar(options, image, container_env(config),
@@ -241,9 +228,9 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     else:
         spec.setdefault("initContainers", []).append(sidecar)
     grace = math.ceil(config.drain.grace_period)
-    if current < grace:
+    if (current if isinstance(current, int) else 30) < grace:
         spec["terminationGracePeriodSeconds"] = grace
-        warnings.append(f"terminationGracePeriodSeconds raised from {current} to {grace} "
+        warnings.append(f"terminationGracePeriodSeconds raised from {current or 30} to {grace} "
                         f"(drain.grace_period {grace}s)")
     meta.setdefault("labels", {})[LABEL[0]] = LABEL[1]
     meta.setdefault("annotations", {})[ORIGINAL] = json.dumps(original, separators=(",", ":"))
@@ -254,6 +241,29 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     meta["annotations"][STATUS] = json.dumps(status, separators=(",", ":"))
     return Outcome("injected", notes=notes, warnings=warnings, app_port=app,
                    sidecar_port=listen_port, labels=dict(original["labels"] or {}))
+
+
+def _warnings(meta: dict[str, Any], spec: dict[str, Any], containers: list[dict[str, Any]],
+              app: AppPort) -> list[str]:
+    """What the user must look at in a pod inject can handle: shared ports, other proxies."""
+    warnings: list[str] = []
+    if spec.get("hostNetwork"):
+        warnings.append("hostNetwork: true: the sidecar's ports are the node's ports, so two "
+                        "such pods on one node clash")
+    for c in containers:
+        if c.get("name") in _THIRD_PARTY:
+            warnings.append(f"container {c['name']!r} is another proxy: its traffic capture "
+                            "and shutdown order are not coordinated with the drain")
+    marks = {**(meta.get("labels") or {}), **(meta.get("annotations") or {})}
+    for key, value in _MESH_INJECT.items():
+        if str(marks.get(key, "")).lower() == value:
+            warnings.append(f"{key}: {value}: a mesh proxy will be added too; its traffic "
+                            "capture and shutdown order are not coordinated with the drain")
+    for port in containers[app.container].get("ports") or []:
+        if port.get("containerPort") == app.number and port.get("hostPort"):
+            warnings.append(f"port {app.number} has hostPort {port['hostPort']}: traffic to "
+                            "the node's port reaches the app past the sidecar")
+    return warnings
 
 
 def uninject_pod(meta: dict[str, Any], spec: dict[str, Any]) -> Outcome:

@@ -1,9 +1,10 @@
 """Kubernetes manifests in and out for ``sidecar inject`` / ``uninject``.
 
 Reads files, directories (recursively: ``*.yaml``, ``*.yml``, ``*.json``) and ``-`` (stdin) as
-multi-document YAML; walks ``kind: List`` items; hands each workload's pod template to
-:mod:`sidecar.inject`; rewrites a Service in the same input that targets the app's port by number;
-writes the documents back as YAML or JSON, and the per-workload report as lines for stderr.
+multi-document YAML; skips what is not a Kubernetes object (a kustomization.yaml); walks
+``kind: List`` items; hands each workload's pod template to :mod:`sidecar.k8s.inject` and the
+Services around it to :mod:`sidecar.k8s.services`; writes the documents back as YAML or JSON,
+and the per-workload report as lines for stderr.
 Every problem in every workload is collected first; on any problem nothing is written.
 """
 
@@ -18,19 +19,26 @@ from typing import Any, TextIO
 
 import yaml  # type: ignore[import-untyped]
 
-from .inject import InjectError, Options, Outcome, inject_pod, uninject_pod
-from .podconfig import PREFIX
+from .inject import DEFAULT_IMAGE, InjectError, Options, Outcome, inject_pod, uninject_pod
+from .services import (
+    SERVICE_PORTS,
+    Workload,
+    policy_warnings,
+    retarget,
+    service_link_warnings,
+    service_ports,
+    unselected_warning,
+)
 
-__all__ = ("InputError", "dump", "inject_all", "read", "uninject_all")
+__all__ = ("InputError", "dump", "inject_all", "kubernetes_only", "read", "uninject_all")
 
 _TEMPLATE = ("spec", "template")
 WORKLOADS: dict[str, tuple[str, ...]] = {
     "Pod": (), "Deployment": _TEMPLATE, "StatefulSet": _TEMPLATE, "DaemonSet": _TEMPLATE,
-    "ReplicaSet": _TEMPLATE, "Job": _TEMPLATE, "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "ReplicaSet": _TEMPLATE, "ReplicationController": _TEMPLATE, "Rollout": _TEMPLATE,
+    "Job": _TEMPLATE, "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 _BATCH = ("Job", "CronJob")
-_SERVICE_PORTS = PREFIX + "original-target-ports"
-_OUR_SECTIONS = ("SIDECAR_UPSTREAM_", "SIDECAR_DRAIN_", "SIDECAR_EXIT_", "SIDECAR_LOGGING_")
 
 
 class InputError(Exception):
@@ -45,6 +53,18 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]
+    """YAML for people to review: a multi-line string stays a block scalar (``|``)."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> Any:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
 
 
 @dataclass
@@ -89,6 +109,26 @@ def read(paths: list[str], stdin: TextIO = sys.stdin) -> list[Document]:
     return docs
 
 
+def kubernetes_only(docs: list[Document]) -> tuple[list[Document], list[str]]:
+    """The documents that are Kubernetes objects, and a report line for each one that is not
+    (no apiVersion/kind, or a kustomize Kustomization): those are not written out."""
+    kept, report = [], []
+    for doc in docs:
+        obj = doc.obj
+        if (isinstance(obj, dict) and obj.get("kind") == "Kustomization") or Path(
+                doc.source).name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+            line = (f"{doc.source}: skipped (a kustomize Kustomization, not a Kubernetes object: "
+                    "render it with 'kubectl kustomize DIR' and pipe that in)")
+        elif not (isinstance(obj, dict) and obj.get("apiVersion") and obj.get("kind")):
+            line = f"{doc.source}: skipped (not a Kubernetes object: no apiVersion and kind)"
+        else:
+            kept.append(doc)
+            continue
+        if line not in report:
+            report.append(line)
+    return kept, report
+
+
 def _objects(obj: Any) -> Iterator[dict[str, Any]]:
     """The object, and the items of a ``List`` (any ``*List`` kind), recursively."""
     if not isinstance(obj, dict):
@@ -105,6 +145,8 @@ def _objects(obj: Any) -> Iterator[dict[str, Any]]:
 def _pod(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
     """(template, its metadata, its spec); the metadata is a new, unattached dict if absent."""
     if obj.get("kind") not in WORKLOADS:
+        return None
+    if obj["kind"] == "Rollout" and not str(obj.get("apiVersion", "")).startswith("argoproj.io/"):
         return None
     node: Any = obj
     for key in WORKLOADS[obj["kind"]]:
@@ -127,77 +169,24 @@ def _report(name: str, outcome: Outcome) -> list[str]:
             + [f"  warning: {w}" for w in outcome.warnings])
 
 
-def _selects(other: dict[str, Any], selector: dict[str, Any], obj: dict[str, Any],
-             labels: dict[str, str]) -> bool:
-    """Whether ``other`` (a Service, a NetworkPolicy) in the same namespace as workload ``obj``
-    selects its pods (labelled ``labels``) with ``selector`` (an empty one selects all)."""
-    same_ns = ((other.get("metadata") or {}).get("namespace")
-               == (obj.get("metadata") or {}).get("namespace"))
-    return same_ns and all(labels.get(k) == v for k, v in selector.items())
+def _not_workload(obj: dict[str, Any], name: str) -> list[str]:
+    """A report line for an object with a pod template that inject does not edit."""
+    spec = obj.get("spec")
+    spec = spec if isinstance(spec, dict) else {}
+    if obj.get("kind") == "Rollout" and "workloadRef" in spec:
+        return [(f"{name} left unchanged (its pods come from spec.workloadRef: inject the "
+                "workload it references)")]
+    template = spec.get("template")
+    pod = template.get("spec") if isinstance(template, dict) else None
+    if isinstance(pod, dict) and isinstance(pod.get("containers"), list):
+        return [(f"{name} left unchanged (a {obj.get('kind')} has a pod template, but it is not "
+                "a kind inject edits: add the sidecar by hand, see the README)")]
+    return []
 
 
-def _retarget(name: str, outcome: Outcome, services: list[dict[str, Any]],
-              obj: dict[str, Any]) -> list[str]:
-    """Point Services in the input that target the app's port by number at the sidecar."""
-    app = outcome.app_port
-    assert app is not None
-    lines, selected = [], False
-    for service in services:
-        selector = (service.get("spec") or {}).get("selector") or {}
-        if not selector or not _selects(service, selector, obj, outcome.labels):
-            continue  # a Service without a selector has its endpoints managed by hand
-        selected = True
-        annotations = (service.get("metadata") or {}).get("annotations") or {}
-        if _SERVICE_PORTS in annotations:
-            continue
-        changed: dict[str, Any] = {}
-        for i, port in enumerate((service.get("spec") or {}).get("ports") or []):
-            target = port.get("targetPort", port.get("port"))
-            if str(target) == str(app.number):
-                changed[str(i)] = port.get("targetPort")
-                port["targetPort"] = outcome.sidecar_port
-                lines.append(f"{_name(service)} targetPort {target} -> {outcome.sidecar_port} "
-                             f"(the sidecar of {name})")
-        if changed:
-            meta = service.setdefault("metadata", {})
-            record = {"targetPorts": changed, "annotations": "annotations" in meta}
-            meta.setdefault("annotations", {})[_SERVICE_PORTS] = json.dumps(
-                record, separators=(",", ":"))
-    if not selected and app.name is None:
-        lines.append(f"  warning: no Service in the input selects {name}: the Service that "
-                     f"reaches it must use targetPort: {outcome.sidecar_port} (the sidecar) "
-                     f"instead of {app.number} (the app)")
-    return lines
-
-
-def _policy_warnings(name: str, outcome: Outcome, policies: list[dict[str, Any]],
-                     obj: dict[str, Any]) -> list[str]:
-    """A NetworkPolicy in the input that admits the app's port by number no longer admits the
-    clients, who now arrive on the sidecar's port."""
-    app = outcome.app_port
-    assert app is not None
-    lines = []
-    for policy in policies:
-        spec = policy.get("spec") or {}
-        selector = (spec.get("podSelector") or {}).get("matchLabels") or {}
-        if not _selects(policy, selector, obj, outcome.labels):
-            continue
-        for rule in spec.get("ingress") or []:
-            if any(str(p.get("port")) == str(app.number) for p in rule.get("ports") or []):
-                lines.append(f"  warning: {_name(policy)} admits port {app.number} (the app) to "
-                             f"{name}: add port {outcome.sidecar_port} (the sidecar) to that rule")
-                break
-    return lines
-
-
-def _service_link_warning(spec: dict[str, Any], services: list[dict[str, Any]]) -> list[str]:
-    if spec.get("enableServiceLinks") is False:
-        return []
-    names = [str((s.get("metadata") or {}).get("name", "")) for s in services]
-    bad = [n for n in names if (n.upper().replace("-", "_") + "_SERVICE_HOST").startswith(
-        _OUR_SECTIONS)]
-    return [f"  warning: Service {n!r} becomes SIDECAR_* variables through service links, "
-            "which the sidecar reads as config: set enableServiceLinks: false" for n in bad]
+def _excluded(name: str, exclude: frozenset[str]) -> bool:
+    bare = name.split(" -n ")[0]
+    return bool({name, bare, bare.split("/", 1)[1]} & exclude)
 
 
 def inject_all(docs: list[Document], options: Options) -> list[str]:
@@ -207,24 +196,43 @@ def inject_all(docs: list[Document], options: Options) -> list[str]:
     policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
     report: list[str] = []
     problems: list[str] = []
+    workloads: list[Workload] = []
+    excluded: set[str] = set()
     for obj in objects:
-        pod = _pod(obj)
+        pod, name = _pod(obj), _name(obj)
         if pod is None:
+            report += _not_workload(obj, name)
             continue
-        name, (node, meta, spec) = _name(obj), pod
-        try:
-            outcome = inject_pod(meta, spec, options, batch=obj["kind"] in _BATCH)
-        except InjectError as exc:
-            problems += [f"{name}: {p}" for p in exc.problems]
-            continue
+        node, meta, spec = pod
+        labels = dict(meta.get("labels") or {})
+        if _excluded(name, options.exclude):
+            excluded.add(name)
+            outcome = Outcome("skipped", "--exclude")
+        else:
+            try:
+                outcome = inject_pod(meta, spec, options, batch=obj["kind"] in _BATCH,
+                                     service_ports=service_ports(services, obj, labels))
+            except InjectError as exc:
+                problems += [f"{name}: {p}" for p in exc.problems]
+                continue
         report += _report(name, outcome)
+        workloads.append(Workload(obj, name, labels, outcome))
         if outcome.result == "injected":
             node["metadata"] = meta
-            report += _retarget(name, outcome, services, obj)
-            report += _policy_warnings(name, outcome, policies, obj)
-            report += _service_link_warning(spec, services)
+            report += unselected_warning(name, outcome, services, obj)
+            report += policy_warnings(name, outcome, policies, obj)
+            report += service_link_warnings(spec, services)
     if problems:
         raise InjectError(problems)
+    report += retarget(services, workloads, keep=options.keep_service)
+    for wanted in sorted(options.exclude):
+        if not any(_excluded(n, frozenset({wanted})) for n in excluded):
+            report.append(f"warning: --exclude {wanted} matched no workload in the input")
+    if options.image == DEFAULT_IMAGE and any(w.outcome.result == "injected" for w in workloads):
+        report.append(f"WARNING: no --image: the sidecar image is {DEFAULT_IMAGE}, a local name "
+                      "that only 'docker build -t' creates; where it cannot be pulled, the "
+                      "injected pods never start (a native sidecar starts before the app). Give "
+                      "--image REGISTRY/sidecar:TAG")
     return report
 
 
@@ -234,8 +242,8 @@ def uninject_all(docs: list[Document]) -> list[str]:
     problems: list[str] = []
     for obj in (o for d in docs for o in _objects(d.obj)):
         meta = obj.get("metadata") or {}
-        if obj.get("kind") == "Service" and _SERVICE_PORTS in (meta.get("annotations") or {}):
-            record = json.loads(meta["annotations"].pop(_SERVICE_PORTS))
+        if obj.get("kind") == "Service" and SERVICE_PORTS in (meta.get("annotations") or {}):
+            record = json.loads(meta["annotations"].pop(SERVICE_PORTS))
             ports = obj["spec"]["ports"]
             for index, target in record["targetPorts"].items():
                 if target is None:
@@ -271,6 +279,6 @@ def dump(docs: list[Document], fmt: str) -> str:
         return json.dumps(out, indent=2) + "\n"
     if not objs:
         return ""
-    text: str = yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False,
-                                   allow_unicode=True, width=1_000_000, explicit_start=True)
+    text: str = yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                              allow_unicode=True, width=1_000_000, explicit_start=True)
     return text

@@ -25,6 +25,7 @@ __all__ = (
     "config_digest",
     "container_env",
     "read_annotations",
+    "sets",
     "workload_config",
 )
 
@@ -90,6 +91,12 @@ def read_annotations(annotations: Mapping[str, Any]) -> tuple[dict[str, str], di
     return control, overrides
 
 
+def sets(annotations: Mapping[str, Any], dotted: str) -> bool:
+    """Whether a ``sidecar.drain/*`` annotation sets the config key ``dotted``."""
+    return any(name.startswith(PREFIX) and TUNABLE.get(name[len(PREFIX):]) == dotted
+               for name in annotations)
+
+
 def workload_config(
     config_path: str | None,
     annotations: Mapping[str, Any],
@@ -97,20 +104,24 @@ def workload_config(
     listen: str,
     admin: str,
     upstream: str,
-    grace_period: int | None = None,
+    defaults: Mapping[str, tuple[str, str]] | None = None,
 ) -> Config:
     """The effective config of one workload's sidecar; ConfigError problems name annotations.
 
-    ``grace_period`` (the pod's terminationGracePeriodSeconds, when it is longer than the
-    config's) becomes drain.grace_period unless an annotation sets that.
+    ``defaults`` maps a dotted key to (value, where it came from, e.g. "the pod's
+    terminationGracePeriodSeconds"): inject's choices for this pod, which an annotation on the
+    same key overrides.  A choice with an empty origin is inject's own and is not named in a
+    problem (the user did not write it).
     """
     _, overrides = read_annotations(annotations)
     origin = {_env_name(TUNABLE[name[len(PREFIX):]]): f"annotation {name}" for name in annotations
               if name.startswith(PREFIX) and name[len(PREFIX):] in TUNABLE}
-    grace_env = _env_name("drain.grace_period")
-    if grace_period is not None and grace_env not in overrides:
-        overrides[grace_env] = f"{grace_period}s"
-        origin[grace_env] = "the pod's terminationGracePeriodSeconds"
+    for dotted, (value, where) in (defaults or {}).items():
+        env = _env_name(dotted)
+        if env not in overrides:
+            overrides[env] = value
+            if where:
+                origin[env] = where
     try:
         config = load(config_path, env=overrides,
                       flags={"listen": listen, "admin": admin, "upstream": upstream})

@@ -38,7 +38,7 @@ from typing import cast
 
 import httptools
 
-__all__ = ("HIGH_WATER", "Connection", "Response", "UpstreamError")
+__all__ = ("HIGH_WATER", "Connection", "NotHTTP", "Response", "UpstreamError")
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
 
@@ -51,6 +51,23 @@ class UpstreamError(Exception):
         self.kind = kind
 
 
+class NotHTTP(UpstreamError):
+    """The app's first bytes were not an HTTP response: the port speaks something else
+    (Redis, Postgres, TLS...).  Counted as ``reset``; the 502 and the log say it in words."""
+
+    def __init__(self, address: str) -> None:
+        self.what = f"the app on {address} did not answer HTTP"
+        super().__init__("reset", f"invalid response from the upstream: {self.what}")
+
+
+def _peer(transport: asyncio.Transport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer or "the upstream address")
+
+
 def _closed_early() -> UpstreamError:
     return UpstreamError("reset", "the upstream closed the connection before the response was complete")
 
@@ -59,12 +76,14 @@ class Response:
     """What one exchange learns from the app, filled in by the parser's callbacks."""
 
     __slots__ = ("buffered", "chunks", "complete", "error", "head_bytes", "head_done",
-                 "head_only", "headers", "interim", "keep_alive", "reason", "status")
+                 "head_only", "headers", "interim", "keep_alive", "reason", "status",
+                 "status_seen")
 
     def __init__(self, *, head_only: bool, complete: bool = False) -> None:
         self.head_only = head_only  # HEAD: the response ends with its head
         self.status = 0
         self.reason = ""
+        self.status_seen = False  # a status line was read: the app speaks HTTP
         self.headers: list[tuple[str, str]] = []
         self.head_done = False
         self.head_bytes = 0  # bytes received before the final head was complete
@@ -113,8 +132,12 @@ class Connection(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             cause = exc.__context__  # what a callback raised
-            self.fail(cause if isinstance(cause, UpstreamError) else
-                      UpstreamError("reset", f"invalid response from the upstream: {exc}"))
+            if isinstance(cause, UpstreamError):
+                self.fail(cause)
+            elif not resp.status_seen:  # not even a status line: not an HTTP server
+                self.fail(NotHTTP(_peer(self.transport)))
+            else:
+                self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
             return
         if not resp.head_done:
             resp.head_bytes += len(data)
@@ -144,7 +167,9 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.response.reason = reason.decode("utf-8", "surrogateescape")
+        resp = self.response
+        resp.reason = reason.decode("utf-8", "surrogateescape")
+        resp.status_seen = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self.response
