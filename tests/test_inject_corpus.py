@@ -91,7 +91,9 @@ CORPUS: dict[str, tuple[list[str], list[str], list[str], set[str]]] = {
         ("  - port 9092 (plaintext) of container 'kafka' is not HTTP (9092 is a well-known "
         "non-HTTP port): not fronted, its traffic goes straight to the app"),
         # Rule 5 speaks for Kafka's controller port (nothing names it): the report says so.
-        "  - fronts port 9093 (controller) of container 'kafka' (HTTP: nothing says it is not)",
+        ("  - fronts port 9093 (controller) of container 'kafka' (HTTP: nothing says it is not); "
+         "if it is not, name it tcp-... (or give its Service port an appProtocol) and inject "
+         "again"),
     ], {"flagd", "kafka"}),
     "podinfo": (["podinfo"], ["--port", "http"], [
         ("kustomization.yaml: skipped (a kustomize Kustomization, not a Kubernetes object: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocols import ServicePort, Verdict, judge
+from .protocols import DEFAULT_REASON, ServicePort, Verdict, judge
 
 __all__ = ("AppPort", "PortChoice", "choose_port", "free_port_number", "rename_port",
            "sidecar_port_names")
@@ -110,9 +110,14 @@ def choose_port(containers: list[dict[str, Any]], *, annotation: str | None = No
     return PortChoice(app, notes=notes)
 
 
+_UNSURE = ("; if it is not, name it tcp-... (or give its Service port an appProtocol) and "
+           "inject again")
+
+
 def _fronted(containers: list[dict[str, Any]], port: AppPort, verdict: Verdict, by: str) -> str:
     if not by:
-        return f"fronts {_label(containers, port)} (HTTP: {verdict.reason})"
+        unsure = _UNSURE if verdict.reason == DEFAULT_REASON else ""
+        return f"fronts {_label(containers, port)} (HTTP: {verdict.reason}){unsure}"
     if verdict.http:
         return f"fronts {_label(containers, port)}: chosen by {by} (HTTP: {verdict.reason})"
     return (f"fronts {_label(containers, port)}: chosen by {by}, though the rules say it is "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ("NOT_HTTP_NUMBERS", "ServicePort", "Verdict", "judge", "targets")
+__all__ = ("DEFAULT_REASON", "NOT_HTTP_NUMBERS", "ServicePort", "Verdict", "judge", "targets")
 
 # Rule 1: a Service port's appProtocol.  Values are "is it gRPC" for the HTTP ones.
 _HTTP_APP_PROTOCOLS = {"http": False, "kubernetes.io/h2c": False, "h2c": False, "grpc": True}
@@ -23,6 +23,7 @@ _NOT_PREFIXES = frozenset({"https", "tls", "tcp", "udp", "mongo", "mysql", "redi
 NOT_HTTP_NUMBERS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211,
                               2181, 5672, 9042, 9092, 27017})
 _PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+DEFAULT_REASON = "nothing says it is not"  # rule 5: the report suggests how to say it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,4 +99,4 @@ def judge(container: dict[str, Any], port: dict[str, Any],
         return Verdict(True, False, "an httpGet probe on it")
     if number in NOT_HTTP_NUMBERS:  # 4. well-known numbers
         return Verdict(False, False, f"{number} is a well-known non-HTTP port")
-    return Verdict(True, False, "nothing says it is not")  # 5.
+    return Verdict(True, False, DEFAULT_REASON)  # 5.
