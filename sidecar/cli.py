@@ -231,17 +231,22 @@ def _add_inject_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .k8s.inject import InjectError, Options
-    from .k8s.manifests import InputError, dump, inject_all, kubernetes_only, read, uninject_all
+    from .k8s.inject import Options
+    from .k8s.manifests import dump, inject_all, kubernetes_only, read, uninject_all
 
     verb = f"sidecar {args.command}"
     if not args.inputs and sys.stdin.isatty():
         print(f"{verb}: give FILE, DIR or - (stdin is a terminal)", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        config = load(args.config) if args.command == "inject" else None
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{verb}: --config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:  # the same error class names an unreadable input, an annotation or a field
         docs, report = kubernetes_only(read(args.inputs))
-        if args.command == "inject":
-            config = load(args.config)
+        if config is not None:
             options = Options(config, args.config, args.image, args.classic, port=args.port,
                               keep_service=args.keep_service,
                               exclude=frozenset(e.strip().lower() for e in args.exclude))
@@ -250,11 +255,6 @@ def _inject(args: argparse.Namespace) -> int:
             report += uninject_all(docs)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"{verb}: --config: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (InputError, InjectError) as exc:
-        problems = exc.problems if isinstance(exc, InjectError) else [str(exc)]
-        for problem in problems:
             print(f"{verb}: {problem}", file=sys.stderr)
         print(f"{verb}: nothing written", file=sys.stderr)
         return EXIT_CONFIG

@@ -37,7 +37,8 @@ REDACTED = "<redacted>"
 
 
 class ConfigError(Exception):
-    """Raised with every problem found; ``problems`` holds one line per key."""
+    """Raised with every problem found; ``problems`` holds one line per problem, naming the
+    key, the annotation, the field or the file it is about (config and inject alike)."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))

@@ -5,7 +5,7 @@
 (:mod:`.protocols` judges each port), ``preStop`` -> ``/drain`` for every container that serves
 (:mod:`.hooks`), the fronted port's name taken over, the budget (:mod:`.budget`), the
 PodMonitor's label and a status annotation.  Everything it replaced is saved in the ``sidecar.drain/original`` annotation, which
-:func:`uninject_pod` restores exactly.  Bad input raises :class:`InjectError` naming the
+:func:`uninject_pod` restores exactly.  Bad input raises :class:`ConfigError` naming the
 annotation or field; nothing here reads files or prints.
 """
 
@@ -32,7 +32,6 @@ __all__ = (
     "LABEL",
     "ORIGINAL",
     "STATUS",
-    "InjectError",
     "Options",
     "Outcome",
     "inject_pod",
@@ -46,14 +45,6 @@ STATUS = PREFIX + "status"
 ORIGINAL = PREFIX + "original"
 _THIRD_PARTY = ("istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar")
 _MESH_INJECT = {"sidecar.istio.io/inject": "true", "linkerd.io/inject": "enabled"}
-
-
-class InjectError(Exception):
-    """Bad input in one workload; ``problems`` holds one line each (annotation or field named)."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +138,14 @@ def _grpc_service(container: dict[str, Any]) -> str | None:
 
 def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
                *, batch: bool = False, service_ports: list[ServicePort] | None = None) -> Outcome:
-    """Add the sidecar to one pod template (edited in place); raise InjectError on bad input."""
+    """Add the sidecar to one pod template (edited in place); raise ConfigError on bad input."""
     annotations = meta.get("annotations") or {}
     if STATUS in annotations:
         return _already(spec, meta)
     try:
         control, _ = read_annotations(annotations)
     except ValueError as exc:
-        raise InjectError([str(exc)]) from None
+        raise ConfigError([str(exc)]) from None
     if control.get("inject") == "disabled":
         return Outcome("skipped", f"annotation {PREFIX}inject: disabled")
     containers: list[dict[str, Any]] = spec.get("containers") or []
@@ -171,7 +162,7 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
         choice = choose_port(containers, annotation=control.get("port"), flag=options.port,
                              service_ports=service_ports)
     except ValueError as exc:
-        raise InjectError([str(exc)]) from None
+        raise ConfigError([str(exc)]) from None
     app = choice.app
     if app is None:
         warnings = ([] if choice.notes or batch else  # a batch task that serves nothing
@@ -188,22 +179,19 @@ def inject_pod(meta: dict[str, Any], spec: dict[str, Any], options: Options,
     try:
         hooks = check_hooks(containers, app.container, admin_port)
     except ValueError as exc:
-        raise InjectError([str(exc)]) from None
+        raise ConfigError([str(exc)]) from None
     notes = [*choice.notes, *hooks.notes]
     warnings += hooks.warnings
     for wanted, got in ((base.listen.port, listen_port), (base.admin.port, admin_port)):
         if wanted != got:
             notes.append(f"port {wanted} is taken in the pod: the sidecar uses {got}")
     current = spec.get("terminationGracePeriodSeconds")
-    try:
-        fitted = fit(options.config_path, base, annotations,
-                     listen=str(Address(base.listen.host, listen_port)),
-                     admin=str(Address(base.admin.host, admin_port)),
-                     upstream=f"http://127.0.0.1:{app.number}",
-                     pod_grace=current if isinstance(current, int) else None,
-                     slept=hooks.slept, grpc_service=_grpc_service(app_container))
-    except ConfigError as exc:
-        raise InjectError(exc.problems) from None
+    fitted = fit(options.config_path, base, annotations,  # ConfigError names annotations
+                 listen=str(Address(base.listen.host, listen_port)),
+                 admin=str(Address(base.admin.host, admin_port)),
+                 upstream=f"http://127.0.0.1:{app.number}",
+                 pod_grace=current if isinstance(current, int) else None,
+                 slept=hooks.slept, grpc_service=_grpc_service(app_container))
     config = fitted.config
     notes += fitted.notes
 
@@ -275,7 +263,7 @@ def uninject_pod(meta: dict[str, Any], spec: dict[str, Any]) -> Outcome:
         status = json.loads(annotations[STATUS])
         original = json.loads(annotations[ORIGINAL])
     except ValueError:
-        raise InjectError([f"annotation {ORIGINAL}: not the JSON inject wrote"]) from None
+        raise ConfigError([f"annotation {ORIGINAL}: not the JSON inject wrote"]) from None
     warnings = []
     if status.get("template") != _digest(meta, spec):
         warnings.append("the pod template was edited after injection; those edits are lost "

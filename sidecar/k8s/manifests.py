@@ -19,7 +19,8 @@ from typing import Any, TextIO
 
 import yaml  # type: ignore[import-untyped]
 
-from .inject import DEFAULT_IMAGE, InjectError, Options, Outcome, inject_pod, uninject_pod
+from ..config import ConfigError
+from .inject import DEFAULT_IMAGE, Options, Outcome, inject_pod, uninject_pod
 from .services import (
     SERVICE_PORTS,
     Workload,
@@ -30,7 +31,7 @@ from .services import (
     unselected_warning,
 )
 
-__all__ = ("InputError", "dump", "inject_all", "kubernetes_only", "read", "uninject_all")
+__all__ = ("dump", "inject_all", "kubernetes_only", "read", "uninject_all")
 
 _TEMPLATE = ("spec", "template")
 WORKLOADS: dict[str, tuple[str, ...]] = {
@@ -39,10 +40,6 @@ WORKLOADS: dict[str, tuple[str, ...]] = {
     "Job": _TEMPLATE, "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 _BATCH = ("Job", "CronJob")
-
-
-class InputError(Exception):
-    """A file that cannot be read or is not YAML."""
 
 
 class _Loader(yaml.SafeLoader):  # type: ignore[misc]
@@ -90,7 +87,7 @@ def _parse(name: str, text: str) -> list[Any]:
     try:
         return list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as exc:
-        raise InputError(f"{name}: not valid YAML: {exc}") from None
+        raise ConfigError([f"{name}: not valid YAML: {exc}"]) from None
 
 
 def read(paths: list[str], stdin: TextIO = sys.stdin) -> list[Document]:
@@ -102,9 +99,9 @@ def read(paths: list[str], stdin: TextIO = sys.stdin) -> list[Document]:
             try:
                 text = stdin.read() if path is None else path.read_text(encoding="utf-8")
             except OSError as exc:
-                raise InputError(f"{name}: {exc.strerror}") from None
+                raise ConfigError([f"{name}: {exc.strerror}"]) from None
             except UnicodeDecodeError:
-                raise InputError(f"{name}: not UTF-8 text") from None
+                raise ConfigError([f"{name}: not UTF-8 text"]) from None
             docs += [Document(name, d) for d in _parse(name, text) if d is not None]
     return docs
 
@@ -190,7 +187,7 @@ def _excluded(name: str, exclude: frozenset[str]) -> bool:
 
 
 def inject_all(docs: list[Document], options: Options) -> list[str]:
-    """Inject every workload in place; the report lines. InjectError lists every problem."""
+    """Inject every workload in place; the report lines. ConfigError lists every problem."""
     objects = [o for d in docs for o in _objects(d.obj)]
     services = [o for o in objects if o.get("kind") == "Service"]
     policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
@@ -212,7 +209,7 @@ def inject_all(docs: list[Document], options: Options) -> list[str]:
             try:
                 outcome = inject_pod(meta, spec, options, batch=obj["kind"] in _BATCH,
                                      service_ports=service_ports(services, obj, labels))
-            except InjectError as exc:
+            except ConfigError as exc:
                 problems += [f"{name}: {p}" for p in exc.problems]
                 continue
         report += _report(name, outcome)
@@ -223,7 +220,7 @@ def inject_all(docs: list[Document], options: Options) -> list[str]:
             report += policy_warnings(name, outcome, policies, obj)
             report += service_link_warnings(spec, services)
     if problems:
-        raise InjectError(problems)
+        raise ConfigError(problems)
     report += retarget(services, workloads, keep=options.keep_service)
     for wanted in sorted(options.exclude):
         if not any(_excluded(n, frozenset({wanted})) for n in excluded):
@@ -260,14 +257,14 @@ def uninject_all(docs: list[Document]) -> list[str]:
         node, meta, spec = pod
         try:
             outcome = uninject_pod(meta, spec)
-        except InjectError as exc:
+        except ConfigError as exc:
             problems += [f"{_name(obj)}: {p}" for p in exc.problems]
             continue
         if node is not obj and not meta:
             node.pop("metadata", None)  # a template without metadata before inject
         report += _report(_name(obj), outcome)
     if problems:
-        raise InjectError(problems)
+        raise ConfigError(problems)
     return report
 
 
