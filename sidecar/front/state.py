@@ -1,9 +1,8 @@
 """What one client connection is doing, as the drain needs to know it (``ConnectionState``).
 
-aiohttp keeps this in private fields (``_request_count``, ``_waiter``, ``_messages``,
-``_request_in_progress``), which are not an API; the sidecar keeps its own, fed through
-public hooks only: ``ClientConnection.data_received``, the request factory and the
-handler's ``finally`` (see ``listener``).
+aiohttp keeps this in private fields of its request handler, which are not an API; the
+sidecar keeps its own, fed through public hooks only: ``ClientConnection.data_received``,
+the request factory and the handler's ``finally`` (see ``listener``).
 """
 
 from __future__ import annotations
