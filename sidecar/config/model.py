@@ -19,18 +19,8 @@ from . import values as v
 from .values import Address, format_duration
 
 __all__ = (
-    "Address",
-    "ClientConfig",
-    "Config",
-    "ConfigError",
-    "DrainConfig",
-    "ExitConfig",
-    "ExitHttp",
-    "LoggingConfig",
-    "UpstreamConfig",
-    "format_duration",
-    "load",
-    "to_yaml",
+    "Address", "ClientConfig", "Config", "ConfigError", "DrainConfig", "ExitConfig",
+    "ExitHttp", "LoggingConfig", "UpstreamConfig", "format_duration", "load", "to_yaml",
 )
 
 REDACTED = "<redacted>"
