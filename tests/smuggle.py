@@ -1,0 +1,364 @@
+"""The differential smuggling harness: raw client bytes through a proxy to the recorder
+app, and the invariant checked on what each side parsed.  Used by
+``tests/test_smuggling.py`` (a fast deterministic subset) and ``bench/smuggle.py``
+(the long run, and the same inputs through nginx).
+
+The invariant (issue 12), for one case (one client connection):
+- request side: the requests the app parsed (llhttp, strict) are a prefix of the
+  requests a strict llhttp parser reads in the client's bytes, each with the same
+  method, target (origin form) and body bytes; and each is one the proxy logged
+  (its access log: method and path), so nothing reaches the app uncounted;
+- response side: every response the client reads is the app's answer to that
+  request (the same status, body and end-to-end headers), or a 4xx/5xx of the
+  proxy's own, or a cut connection with a prefix of the app's body; never bytes of
+  another response, and nothing after the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httptools
+
+from tests.apps.recorder import Recorded, Recorder, Reply, echo
+
+__all__ = ("AppThread", "Case", "Message", "SidecarRig", "check", "parse_stream", "run_case")
+
+SENTINEL = b"GET /end HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+              b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
+
+
+@dataclass
+class Case:
+    """Client bytes; ``reply``: the app's raw answer to the first request (echo after)."""
+    client: bytes
+    reply: bytes | None = None
+    then: str = "keep"  # after the reply: keep | close | reset
+    name: str = ""
+
+
+@dataclass
+class Message:
+    method: str = ""
+    target: bytes = b""
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    complete: bool = False
+
+
+class _Collect:
+    def __init__(self, request: bool) -> None:
+        self.messages: list[Message] = []
+        self.parser: Any = (httptools.HttpRequestParser if request else httptools.HttpResponseParser)(self)
+        self.request = request
+
+    def on_message_begin(self) -> None:
+        self.messages.append(Message())
+
+    def on_url(self, url: bytes) -> None:
+        self.messages[-1].target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.messages[-1].headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        m = self.messages[-1]
+        if self.request:
+            m.method = self.parser.get_method().decode("latin-1")
+        else:
+            m.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.messages[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.messages[-1].complete = True
+
+
+def parse_stream(data: bytes, *, request: bool) -> tuple[list[Message], str | None]:
+    """Every message llhttp (strict) reads in ``data``; the error that stopped it, if any."""
+    c = _Collect(request)
+    try:
+        c.parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        return c.messages, "upgrade"
+    except httptools.HttpParserError as exc:
+        return c.messages, str(exc) or type(exc).__name__
+    return c.messages, None
+
+
+def origin_form(target: bytes) -> bytes:
+    if target.startswith(b"/"):
+        return target
+    rest = target.split(b"://", 1)[-1]
+    slash = rest.find(b"/")
+    return rest[slash:] if slash >= 0 else b"/"
+
+
+class AppThread:
+    """The recorder app on its own event loop in a thread (the harness is synchronous)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.recorder = Recorder()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._call(self.recorder.start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    @property
+    def port(self) -> int:
+        return self.recorder.port
+
+    def script(self, case: Case) -> None:
+        first = [True]
+
+        def reply(req: Recorded) -> Reply:
+            if first[0] and case.reply is not None and req.target != b"/end":
+                first[0] = False
+                return Reply(case.reply, case.then)
+            return echo(req)
+
+        self.loop.call_soon_threadsafe(self._set, reply)
+
+    def _set(self, reply: Callable[[Recorded], Reply]) -> None:
+        self.recorder.clear()
+        self.recorder.reply = reply
+
+    def snapshot(self) -> list[Recorded]:
+        async def copy() -> list[Recorded]:
+            return list(self.recorder.requests)
+        return self._call(copy())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._call(self.recorder.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def send(port: int, data: bytes, *, timeout: float) -> tuple[bytes, bool]:
+    """Send the bytes, read until the proxy closes (or ``timeout``); (received, was cut)."""
+    received = bytearray()
+    cut = False
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        deadline = time.monotonic() + timeout
+        try:
+            sock.sendall(data)
+        except OSError:
+            cut = True
+        try:
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            cut = True
+        except TimeoutError:
+            pass
+    return bytes(received), cut
+
+
+class AccessLog:
+    """The proxy's access lines, read as they are appended to its JSON log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_lines(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("logger") == "sidecar.access":
+                out.append(entry)
+        return out
+
+
+def check(case: Case, parsed: list[Recorded], logged: list[tuple[str, bytes, int]] | None,
+          received: bytes) -> list[str]:
+    """The invariant's violations for one case (empty: it held)."""
+    problems: list[str] = []
+    sent, _ = parse_stream(case.client, request=True)
+    sent = [m for m in sent if m.complete]
+    # 1. the app parsed a prefix of what the client framed, byte for byte
+    for i, got in enumerate(parsed):
+        if i >= len(sent):
+            problems.append(f"the app parsed a request the client did not frame: {got.method} "
+                            f"{got.target!r} body={got.body[:60]!r}")
+            continue
+        want = sent[i]
+        if (got.method, got.target, got.body) != (want.method, origin_form(want.target), want.body):
+            problems.append(f"request {i} differs: app {got.method} {got.target!r} "
+                            f"{got.body[:60]!r} / client {want.method} {want.target!r} {want.body[:60]!r}")
+    # 2. each one the proxy counted (logged)
+    if logged is not None:
+        counted = Counter((m, origin_form(p)) for m, p, _ in logged)
+        for got in parsed:
+            key = (got.method, got.target)
+            if counted[key] <= 0:
+                problems.append(f"the app parsed {key} but the proxy never logged it")
+            counted[key] -= 1
+    # 3. the client read the app's answers, the proxy's errors, or a cut; nothing else
+    answers, error = parse_stream(received, request=False)
+    heads = [m for m in answers if m.status >= 200]
+    scripted = next((i for i, r in enumerate(parsed) if r.target != b"/end"), None)
+    for i, resp in enumerate(heads):  # the i-th answer is to the i-th request (in order)
+        if own_answer(resp):
+            continue  # the proxy's own 4xx/5xx
+        if i >= len(parsed):
+            problems.append(f"answer {i} is not the app's, nor the proxy's: {resp.status} {resp.body[:80]!r}")
+            break
+        req = parsed[i]
+        data = case.reply if case.reply is not None and i == scripted else echo(req).data
+        final = [m for m in parse_stream(data, request=False)[0] if m.status >= 200]
+        if not final:  # the app's answer is not one a strict parser accepts: only errors are fine
+            problems.append(f"the client got {resp.status} for an answer llhttp rejects")
+            continue
+        expected = final[0]
+        if resp.status != expected.status or not _body_ok(resp, expected, req.method):
+            problems.append(f"response for {req.target!r}: got {resp.status} {resp.body[:80]!r}, "
+                            f"the app sent {expected.status} {expected.body[:80]!r}")
+        elif not _headers_ok(resp, expected):
+            problems.append(f"response headers for {req.target!r} differ: {resp.headers} / {expected.headers}")
+    if error is not None and answers and answers[-1].complete and error != "upgrade":
+        problems.append(f"bytes after the last response: {error} in {received[-120:]!r}")
+    return problems
+
+
+def own_answer(resp: Message) -> bool:
+    """An answer of the proxy's own: aiohttp's (the sidecar's) carry its Server header,
+    nginx's its signature page.  The app's never do (the cases send no Server)."""
+    if resp.status < 400:
+        return False
+    server = b" ".join(v for k, v in resp.headers if k.lower() == b"server")
+    return b"aiohttp" in server or b"<center>nginx</center>" in resp.body
+
+
+def _body_ok(resp: Message, expected: Message, method: str) -> bool:
+    if method == "HEAD" or expected.status in (204, 304):
+        return resp.body == b""
+    if resp.complete:
+        return resp.body == expected.body if expected.complete else expected.body.startswith(resp.body)
+    return expected.body.startswith(resp.body)  # cut: a prefix of it
+
+
+def _headers_ok(resp: Message, expected: Message) -> bool:
+    def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        named = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
+        return [(k.lower(), v) for k, v in headers
+                if k.lower() not in HOP_BY_HOP and k.lower() not in named - {b"content-length"}
+                and k.lower() not in (b"date", b"content-length")]
+    got = end_to_end(resp.headers)
+    return all(h in got for h in end_to_end(expected.headers))
+
+
+@dataclass
+class Stats:
+    cases: int = 0
+    violations: list[tuple[Case, list[str]]] = field(default_factory=list)
+    app_requests: int = 0
+
+
+def run_case(case: Case, *, port: int, app: AppThread, log: AccessLog | None,
+             in_flight: Callable[[], float] | None, timeout: float = 5.0) -> list[str]:
+    """One case through the proxy on ``port``; its violations."""
+    app.script(case)
+    app.snapshot()  # the script is in place
+    received, _ = send(port, case.client, timeout=timeout)
+    if in_flight is not None:
+        deadline = time.monotonic() + 10
+        while in_flight() > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    parsed = app.snapshot()
+    logged = None
+    if log is not None:
+        logged = [(e["method"], str(e["path"]).encode("utf-8", "surrogateescape"), int(e["status"]))
+                  for e in log.new_lines()]
+    return check(case, parsed, logged, received)
+
+
+class SidecarRig:
+    """The recorder app (a thread) and ``sidecar run`` in front of it (a process), with
+    short timeouts so that a case whose bytes leave the connection waiting ends soon."""
+
+    def __init__(self, tmp: Path, *, root: Path) -> None:
+        import os
+        import subprocess
+        import sys
+
+        import yaml
+
+        self.app = AppThread()
+        self.port, self.admin_port = _free_port(), _free_port()
+        config = tmp / "sidecar.yaml"
+        config.write_text(yaml.safe_dump({
+            "logging": {"level": "info", "format": "json", "access_log": True},
+            "client": {"header_timeout": "500ms", "idle_timeout": "500ms"},
+            "upstream": {"timeout": "1s"},
+        }))
+        self.log_path = tmp / "sidecar.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "--config", str(config),
+                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
+                 "--upstream", f"http://127.0.0.1:{self.app.port}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=root)
+        deadline = time.monotonic() + 30
+        while b"sidecar started" not in self.log_path.read_bytes():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("the sidecar did not start:\n" + self.log_path.read_text())
+            time.sleep(0.02)
+        self.log = AccessLog(self.log_path)
+
+    def in_flight(self) -> float:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("sidecar_requests_in_flight "):
+                    return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("sidecar_requests_in_flight not in /metrics")
+
+    def run(self, case: Case) -> list[str]:
+        return run_case(case, port=self.port, app=self.app, log=self.log, in_flight=self.in_flight)
+
+    def errors_logged(self) -> list[str]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Traceback" in line or '"level": "error"' in line
+                or "Fatal error" in line]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.app.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
