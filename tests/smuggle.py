@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -55,6 +56,7 @@ class Message:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     complete: bool = False
+    headers_done: bool = False
 
 
 class _Collect:
@@ -74,6 +76,7 @@ class _Collect:
 
     def on_headers_complete(self) -> None:
         m = self.messages[-1]
+        m.headers_done = True
         if self.request:
             m.method = self.parser.get_method().decode("latin-1")
         else:
@@ -87,7 +90,11 @@ class _Collect:
 
 
 def parse_stream(data: bytes, *, request: bool) -> tuple[list[Message], str | None]:
-    """Every message llhttp (strict) reads in ``data``; the error that stopped it, if any."""
+    """Every message llhttp (strict) reads in ``data``; the error that stopped it, if any.
+    Requests: ``Upgrade`` is read as any header (the proxies under test do not honour an
+    upgrade the app does not accept, so what follows is still HTTP/1.1)."""
+    if request:
+        data = re.sub(rb"(?im)^upgrade:", b"Xpgrade:", data)
     c = _Collect(request)
     try:
         c.parser.feed_data(data)
@@ -96,6 +103,38 @@ def parse_stream(data: bytes, *, request: bool) -> tuple[list[Message], str | No
     except httptools.HttpParserError as exc:
         return c.messages, str(exc) or type(exc).__name__
     return c.messages, None
+
+
+def final(m: Message) -> bool:
+    """A final answer: 1xx other than 100-103 count too (a proxy that passes a ``199`` on
+    makes its client read the next answer as the final one: an answer out of step)."""
+    return m.status >= 200 or m.status not in (100, 101, 102, 103)
+
+
+def parse_answers(data: bytes, methods: list[str]) -> tuple[list[Message], str | None]:
+    """The responses the client read, one parser per response, so that the answer to a
+    HEAD ends with its head (llhttp cannot be told the method): answer i is to request i."""
+    out: list[Message] = []
+    at = 0
+    while at < len(data):
+        c = _Collect(False)
+        answered = len([m for m in out if final(m)])
+        head_only = answered < len(methods) and methods[answered] == "HEAD"
+        start = at
+        try:
+            while at < len(data) and not (c.messages and (c.messages[-1].complete or (
+                    head_only and final(c.messages[-1]) and c.messages[-1].headers_done))):
+                c.parser.feed_data(data[at:at + 1])
+                at += 1
+        except httptools.HttpParserError as exc:
+            out.extend(c.messages)
+            return out, str(exc) or type(exc).__name__
+        out.extend(c.messages)
+        if c.messages and head_only and c.messages[-1].headers_done:
+            c.messages[-1].complete = True
+        if at == start or not c.messages or not c.messages[-1].complete:
+            break
+    return out, None
 
 
 def origin_form(target: bytes) -> bytes:
@@ -224,8 +263,8 @@ def check(case: Case, parsed: list[Recorded], logged: list[tuple[str, bytes, int
                 problems.append(f"the app parsed {key} but the proxy never logged it")
             counted[key] -= 1
     # 3. the client read the app's answers, the proxy's errors, or a cut; nothing else
-    answers, error = parse_stream(received, request=False)
-    heads = [m for m in answers if m.status >= 200]
+    answers, error = parse_answers(received, [m.method for m in sent])
+    heads = [m for m in answers if final(m)]
     scripted = next((i for i, r in enumerate(parsed) if r.target != b"/end"), None)
     for i, resp in enumerate(heads):  # the i-th answer is to the i-th request (in order)
         if own_answer(resp):
@@ -256,7 +295,7 @@ def own_answer(resp: Message) -> bool:
     if resp.status < 400:
         return False
     server = b" ".join(v for k, v in resp.headers if k.lower() == b"server")
-    return b"aiohttp" in server or b"<center>nginx</center>" in resp.body
+    return b"aiohttp" in server or (b"nginx" in server and b"<center>" in resp.body)
 
 
 def _body_ok(resp: Message, expected: Message, method: str) -> bool:

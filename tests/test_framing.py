@@ -291,3 +291,15 @@ async def test_gzip_upload_arrives_intact_and_the_answer_is_the_apps(sidecar: Si
     assert statuses(data) == [200, 200]
     assert recorder.requests[0].body == body
     assert data is not None and echo(recorder.requests[0]).data.split(b"\r\n\r\n")[1] in data
+
+
+async def test_a_non_get_request_with_upgrade_websocket_reaches_the_app_with_its_own_method(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """Found by the smuggling fuzz: ``HEAD`` (or ``POST``) with ``Upgrade: websocket`` went
+    through the websocket client, which sent the app a ``GET`` the sidecar logged as HEAD.
+    A websocket handshake is a GET (RFC 6455 4.1); anything else is forwarded as HTTP."""
+    data = await exchange(sidecar.port, b"HEAD /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n")
+    assert statuses(data) == [200, 200], data
+    assert [(r.method, r.target) for r in recorder.requests] == [("HEAD", b"/h"), ("GET", b"/end")]
+    assert not recorder.requests[0].header("Upgrade")
+    await assert_counted(sidecar, recorder)

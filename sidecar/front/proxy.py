@@ -163,7 +163,9 @@ class Proxy:
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
+            # RFC 6455 4.1: the handshake is a GET; any other method is plain HTTP (the
+            # websocket client would send the app a GET the access log calls a HEAD).
+            if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
                 resp, status = await self._websocket(request)
             else:
                 resp, status = await self._forward(request)

@@ -49,7 +49,8 @@ def echo(req: Recorded) -> Reply:
     """200 whose body is ``METHOD TARGET sha256(body)[:16]`` and CRLF: which request this answers."""
     body = b"%s %s %s\r\n" % (req.method.encode(), req.target,
                               hashlib.sha256(req.body).hexdigest()[:16].encode())
-    return Reply(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return Reply(head if req.method == "HEAD" else head + body)
 
 
 class _Conn(asyncio.Protocol):
