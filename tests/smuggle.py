@@ -274,11 +274,11 @@ def check(case: Case, parsed: list[Recorded], logged: list[tuple[str, bytes, int
             break
         req = parsed[i]
         data = case.reply if case.reply is not None and i == scripted else echo(req).data
-        final = [m for m in parse_stream(data, request=False)[0] if m.status >= 200]
-        if not final:  # the app's answer is not one a strict parser accepts: only errors are fine
+        finals = [m for m in parse_stream(data, request=False)[0] if m.status >= 200]
+        if not finals:  # the app's answer is not one a strict parser accepts: only errors are fine
             problems.append(f"the client got {resp.status} for an answer llhttp rejects")
             continue
-        expected = final[0]
+        expected = finals[0]
         if resp.status != expected.status or not _body_ok(resp, expected, req.method):
             problems.append(f"response for {req.target!r}: got {resp.status} {resp.body[:80]!r}, "
                             f"the app sent {expected.status} {expected.body[:80]!r}")
