@@ -107,6 +107,11 @@ SEEDS = [
          name="response-te-and-cl"),
     Case(b"GET /r HTTP/1.1\r\nHost: app\r\n\r\n" + SENTINEL,
          reply=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", then="reset", name="reset-mid-body"),
+    Case(b"POST /early HTTP/1.1\r\nHost: app\r\nContent-Length: 70000\r\n\r\n" + b"z" * 70000 + SENTINEL,
+         reply=b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig", early=True, name="early-answer-before-the-body"),
+    Case(b"POST /early HTTP/1.1\r\nHost: app\r\nContent-Length: 70000\r\n\r\n" + b"z" * 70000 + SENTINEL,
+         reply=b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig", then="close",
+         early=True, name="early-answer-and-close"),
     Case(b"GET /r HTTP/1.1\r\nHost: app\r\n\r\n" + SENTINEL,
          reply=b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello", name="204-with-a-body"),
 ]
@@ -218,10 +223,15 @@ def case_strategy(draw: st.DrawFn) -> Case:
             data = draw(mutate(data))
         return Case(data + SENTINEL, name="fuzz-request")
     reply, then = draw(answer())
-    method = draw(st.sampled_from([b"GET", b"GET", b"HEAD", b"POST"]))
+    method = draw(st.sampled_from([b"GET", b"GET", b"HEAD", b"POST", b"POST"]))
     if draw(st.integers(0, 3)) == 0:
         reply = draw(mutate(reply))
-    head = method + b" /r HTTP/1.1\r\nHost: app\r\n" + (b"Content-Length: 2\r\n\r\nhi" if method == b"POST" else b"\r\n")
+    body = draw(st.sampled_from([b"hi", b"z" * 70000]))  # a large one is still being sent early
+    early = method == b"POST" and draw(st.booleans())
+    head = method + b" /r HTTP/1.1\r\nHost: app\r\n" + (
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body) if method == b"POST" else b"\r\n")
+    if early:
+        return Case(head + SENTINEL, reply, then, name="fuzz-answer", early=True)
     if method == b"HEAD":  # the client cannot frame what follows a HEAD answer: last on its connection
         return Case(head.replace(b"Host: app\r\n", b"Host: app\r\nConnection: close\r\n"), reply, then,
                     name="fuzz-answer")

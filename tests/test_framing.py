@@ -303,3 +303,15 @@ async def test_a_non_get_request_with_upgrade_websocket_reaches_the_app_with_its
     assert [(r.method, r.target) for r in recorder.requests] == [("HEAD", b"/h"), ("GET", b"/end")]
     assert not recorder.requests[0].header("Upgrade")
     await assert_counted(sidecar, recorder)
+
+
+async def test_a_nul_in_the_reason_phrase_is_a_502_not_an_error(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """Found by the smuggling fuzz: llhttp lets a NUL through in the app's reason phrase;
+    aiohttp's writer then refused the head (ValueError: an error line with a traceback, and a
+    500). RFC 9112 4: the reason is HTAB, SP, VCHAR or obs-text: the answer is refused, 502."""
+    recorder.reply = scripted(b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok")
+    data = await exchange(sidecar.port, b"GET /cr HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert statuses(data) == [502, 200], data
+    await sidecar.wait_log("upstream error")
+    assert not [line for line in sidecar.raw if "Traceback" in line or '"level": "error"' in line]

@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -41,6 +42,7 @@ __all__ = ("HIGH_WATER", "LOW_WATER", "Connection", "UpstreamError")
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
 LOW_WATER = 64 * 1024
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # RFC 9112 4: HTAB / SP / VCHAR / obs-text
 
 
 class UpstreamError(Exception):
@@ -133,6 +135,9 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
+        if not _REASON.fullmatch(reason):  # llhttp lets a NUL through; the client side refuses it
+            raise UpstreamError("reset", "invalid response from the upstream: "
+                                f"a control character in the reason phrase {reason[:40]!r}")
         self.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
