@@ -200,6 +200,7 @@ class AppThread:
         self._call(self.recorder.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
 
 
 def send(port: int, data: bytes, *, timeout: float) -> tuple[bytes, bool]:
