@@ -148,6 +148,24 @@ async def test_response_head_over_the_cap_is_a_502_and_logged(
     assert "16384" in entry["error"]
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_an_endless_response_head_does_not_grow_the_sidecar(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """Defect 3, as the issue measured it: 64 MiB of header lines from the app grew the
+    sidecar by 166 MiB.  With the default cap (64 KiB) it is a 502 and the sidecar's
+    memory stays where it was (within 32 MiB: allocator noise, not the head)."""
+    pad = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    recorder.reply = scripted(b"HTTP/1.1 200 OK\r\n" + pad * (64 * 1024) + b"Content-Length: 0\r\n\r\n")
+    before = _rss_kib(sidecar.proc.pid)
+    data = await exchange(sidecar.port, b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert statuses(data) == [502, 200]
+    assert _rss_kib(sidecar.proc.pid) - before < 32 * 1024
+
+
 # --- 4. a reset is not an end ----------------------------------------------------------------
 
 async def test_close_delimited_response_cut_by_a_reset_reaches_the_client_incomplete(
