@@ -311,15 +311,31 @@ async def test_gzip_upload_arrives_intact_and_the_answer_is_the_apps(sidecar: Si
     assert data is not None and echo(recorder.requests[0]).data.split(b"\r\n\r\n")[1] in data
 
 
-async def test_a_non_get_request_with_upgrade_websocket_reaches_the_app_with_its_own_method(
-        sidecar: Sidecar, recorder: Recorder) -> None:
-    """Found by the smuggling fuzz: ``HEAD`` (or ``POST``) with ``Upgrade: websocket`` went
-    through the websocket client, which sent the app a ``GET`` the sidecar logged as HEAD.
-    A websocket handshake is a GET (RFC 6455 4.1); anything else is forwarded as HTTP."""
-    data = await exchange(sidecar.port, b"HEAD /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n")
+NOT_HANDSHAKES = {
+    "head": b"HEAD /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n",
+    "no-connection-upgrade": b"GET /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n",
+    "a-body": b"GET /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_HANDSHAKES))
+async def test_a_request_that_is_not_a_websocket_handshake_reaches_the_app_as_sent(
+        sidecar: Sidecar, recorder: Recorder, name: str) -> None:
+    """Found by the smuggling fuzz: any request with ``Upgrade: websocket`` went through the
+    websocket client, which sent the app a bodiless GET of its own (a HEAD logged as HEAD
+    reached the app as GET; a body was dropped) and gave the client a made-up
+    ``200 Invalid response status``.  Only a GET handshake (RFC 6455 4.1: Connection:
+    upgrade, a key, no body) is relayed as a websocket; the rest is HTTP, Upgrade dropped."""
+    raw = NOT_HANDSHAKES[name]
+    data = await exchange(sidecar.port, raw)
     assert statuses(data) == [200, 200], data
-    assert [(r.method, r.target) for r in recorder.requests] == [("HEAD", b"/h"), ("GET", b"/end")]
+    method = raw.split(b" ", 1)[0].decode()
+    assert [(r.method, r.target) for r in recorder.requests] == [(method, b"/h"), ("GET", b"/end")]
+    assert recorder.requests[0].body == (b"hello" if name == "a-body" else b"")
     assert not recorder.requests[0].header("Upgrade")
+    assert data is not None and b"Invalid response status" not in data
     await assert_counted(sidecar, recorder)
 
 

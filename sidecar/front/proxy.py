@@ -39,7 +39,7 @@ from .responses import (
     upstream_error,
     upstream_error_kind,
 )
-from .websocket import relay_websocket
+from .websocket import is_handshake, relay_websocket
 
 __all__ = ("Proxy",)
 
@@ -163,9 +163,7 @@ class Proxy:
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
-            # RFC 6455 4.1: the handshake is a GET; any other method is plain HTTP (the
-            # websocket client would send the app a GET the access log calls a HEAD).
-            if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            if is_handshake(request):
                 resp, status = await self._websocket(request)
             else:
                 resp, status = await self._forward(request)
