@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from tests.smuggle import AppThread, Case, SidecarRig, parse_stream, run_case, send
+from tests.smuggle import Case, parse_stream
 from tests.smuggle_cases import CASES, case_strategy
+from tests.smuggle_rig import AppThread, SidecarRig, free_port, run_case, send
 
 NGINX_CONF = """daemon off;
 master_process off;
@@ -172,8 +173,7 @@ def main() -> int:
         errors = rig.errors_logged()
 
         if args.nginx:
-            from tests.smuggle import _free_port
-            ngx = NginxRig(tmp, _free_port())
+            ngx = NginxRig(tmp, free_port())
             for case in CASES + extra:
                 mine = _outcome(rig.port, rig.app, case)
                 theirs = ngx.outcome(case)

@@ -1,5 +1,6 @@
 """The differential smuggling harness: raw client bytes through a proxy to the recorder
-app, and the invariant checked on what each side parsed.  Used by
+app, and the invariant checked on what each side parsed (the processes and threads
+that run a case are in ``tests/smuggle_rig.py``).  Used by
 ``tests/test_smuggling.py`` (a fast deterministic subset) and ``bench/smuggle.py``
 (the long run, and the same inputs through nginx).
 
@@ -17,23 +18,16 @@ The invariant (issue 12), for one case (one client connection):
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
-import socket
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httptools
 
-from tests.apps.recorder import Recorded, Recorder, Reply, echo
+from tests.apps.recorder import Recorded, echo
 
-__all__ = ("AppThread", "Case", "Message", "SidecarRig", "check", "parse_stream", "run_case")
+__all__ = ("SENTINEL", "Case", "Message", "check", "final", "own_answer", "parse_answers", "parse_stream")
 
 SENTINEL = b"GET /end HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -154,105 +148,6 @@ def origin_form(target: bytes) -> bytes:
     return rest[slash:] if slash >= 0 else b"/"
 
 
-class AppThread:
-    """The recorder app on its own event loop in a thread (the harness is synchronous)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.recorder = Recorder()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self._call(self.recorder.start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    @property
-    def port(self) -> int:
-        return self.recorder.port
-
-    def script(self, case: Case) -> None:
-        first = [True]
-
-        def reply(req: Recorded) -> Reply:
-            if first[0] and case.reply is not None and req.target != b"/end":
-                first[0] = False
-                return Reply(case.reply, case.then)
-            return echo(req)
-
-        def early(req: Recorded) -> bool:
-            return case.early and first[0] and case.reply is not None and req.target != b"/end"
-
-        self.loop.call_soon_threadsafe(self._set, reply, early)
-
-    def _set(self, reply: Callable[[Recorded], Reply], early: Callable[[Recorded], bool]) -> None:
-        self.recorder.clear()
-        self.recorder.reply = reply
-        self.recorder.early = early
-
-    def snapshot(self) -> tuple[list[Recorded], list[Recorded]]:
-        """(complete requests parsed, requests answered), copied on the app's loop."""
-        async def copy() -> tuple[list[Recorded], list[Recorded]]:
-            return list(self.recorder.requests), list(self.recorder.answered)
-        return self._call(copy())  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self._call(self.recorder.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-def send(port: int, data: bytes, *, timeout: float) -> tuple[bytes, bool]:
-    """Send the bytes, read until the proxy closes (or ``timeout``); (received, was cut)."""
-    received = bytearray()
-    cut = False
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        deadline = time.monotonic() + timeout
-        try:
-            sock.sendall(data)
-        except OSError:
-            cut = True
-        try:
-            while time.monotonic() < deadline:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            cut = True
-        except TimeoutError:
-            pass
-    return bytes(received), cut
-
-
-class AccessLog:
-    """The proxy's access lines, read as they are appended to its JSON log file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-
-    def new_lines(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        out = []
-        for line in data[:end].splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("logger") == "sidecar.access":
-                out.append(entry)
-        return out
-
-
 def check(case: Case, parsed: list[Recorded], answered: list[Recorded],
           logged: list[tuple[str, bytes, int]] | None, received: bytes) -> list[str]:
     """The invariant's violations for one case (empty: it held).  ``parsed``: the complete
@@ -330,90 +225,3 @@ def _headers_ok(resp: Message, expected: Message) -> bool:
                 and k.lower() not in (b"date", b"content-length")]
     got = end_to_end(resp.headers)
     return all(h in got for h in end_to_end(expected.headers))
-
-
-@dataclass
-class Stats:
-    cases: int = 0
-    violations: list[tuple[Case, list[str]]] = field(default_factory=list)
-    app_requests: int = 0
-
-
-def run_case(case: Case, *, port: int, app: AppThread, log: AccessLog | None,
-             in_flight: Callable[[], float] | None, timeout: float = 5.0) -> list[str]:
-    """One case through the proxy on ``port``; its violations."""
-    app.script(case)
-    app.snapshot()  # the script is in place
-    received, _ = send(port, case.client, timeout=timeout)
-    if in_flight is not None:
-        deadline = time.monotonic() + 10
-        while in_flight() > 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-    parsed, answered = app.snapshot()
-    logged = None
-    if log is not None:
-        logged = [(e["method"], str(e["path"]).encode("utf-8", "surrogateescape"), int(e["status"]))
-                  for e in log.new_lines()]
-    return check(case, parsed, answered, logged, received)
-
-
-class SidecarRig:
-    """The recorder app (a thread) and ``sidecar run`` in front of it (a process), with
-    short timeouts so that a case whose bytes leave the connection waiting ends soon."""
-
-    def __init__(self, tmp: Path, *, root: Path) -> None:
-        import os
-        import subprocess
-        import sys
-
-        import yaml
-
-        self.app = AppThread()
-        self.port, self.admin_port = _free_port(), _free_port()
-        config = tmp / "sidecar.yaml"
-        config.write_text(yaml.safe_dump({
-            "logging": {"level": "info", "format": "json", "access_log": True},
-            "client": {"header_timeout": "500ms", "idle_timeout": "500ms"},
-            "upstream": {"timeout": "1s"},
-        }))
-        self.log_path = tmp / "sidecar.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "--config", str(config),
-                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
-                 "--upstream", f"http://127.0.0.1:{self.app.port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=root)
-        deadline = time.monotonic() + 30
-        while b"sidecar started" not in self.log_path.read_bytes():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("the sidecar did not start:\n" + self.log_path.read_text())
-            time.sleep(0.02)
-        self.log = AccessLog(self.log_path)
-
-    def in_flight(self) -> float:
-        import urllib.request
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("sidecar_requests_in_flight "):
-                    return float(line.rsplit(" ", 1)[1])
-        raise AssertionError("sidecar_requests_in_flight not in /metrics")
-
-    def run(self, case: Case) -> list[str]:
-        return run_case(case, port=self.port, app=self.app, log=self.log, in_flight=self.in_flight)
-
-    def errors_logged(self) -> list[str]:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return [line for line in lines if "Traceback" in line or '"level": "error"' in line
-                or "Fatal error" in line]
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self.app.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -54,8 +54,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import ROOT
-from tests.smuggle import Case, SidecarRig
+from tests.smuggle import Case
 from tests.smuggle_cases import CASES, SEEDS, case_strategy, smuggler_seeds
+from tests.smuggle_rig import SidecarRig
 
 
 @pytest.fixture(scope="module")
