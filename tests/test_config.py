@@ -55,6 +55,8 @@ def test_check_config_prints_yaml_that_is_itself_a_valid_config(tmp_path: Path) 
     ("upstream: {url: 'ftp://x:1'}\n", "upstream.url"),
     ("upstream: {url: 'http://:nope'}\n", "upstream.url"),
     ("upstream: {max_connections: lots}\n", "upstream.max_connections"),
+    ("upstream: {max_response_head: 1GiB}\n", "upstream.max_response_head"),
+    ("upstream: {max_response_head: 100}\n", "upstream.max_response_head"),
     ("drain: {websockets: maybe}\n", "drain.websockets"),
     ("exit: {signal: SIGNOPE}\n", "exit.signal"),
     ("exit: {process: '(unclosed'}\n", "exit.process"),
@@ -146,6 +148,12 @@ def test_durations_accept_every_documented_form() -> None:
                              "SIDECAR_EXIT_WAIT": "3", "SIDECAR_DRAIN_GRACE_PERIOD": "2.5m"})
     assert (config.drain.delay, config.drain.timeout, config.exit.wait) == (0.25, 120.0, 3.0)
     assert config.drain.grace_period == 150.0
+
+
+def test_sizes_accept_every_documented_form() -> None:
+    for text, size in (("64KiB", 65536), ("1MiB", 1 << 20), ("2048", 2048), ("4096B", 4096)):
+        assert load(None, env={"SIDECAR_UPSTREAM_MAX_RESPONSE_HEAD": text}).upstream.max_response_head == size
+    assert load(None).upstream.max_response_head == 64 * 1024
 
 
 def test_retry_after_takes_seconds_or_a_duration() -> None:

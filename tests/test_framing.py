@@ -148,6 +148,24 @@ async def test_response_head_over_the_cap_is_a_502_and_logged(
     assert "16384" in entry["error"]
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_an_endless_response_head_does_not_grow_the_sidecar(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """Defect 3, as the issue measured it: 64 MiB of header lines from the app grew the
+    sidecar by 166 MiB.  With the default cap (64 KiB) it is a 502 and the sidecar's
+    memory stays where it was (within 32 MiB: allocator noise, not the head)."""
+    pad = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    recorder.reply = scripted(b"HTTP/1.1 200 OK\r\n" + pad * (64 * 1024) + b"Content-Length: 0\r\n\r\n")
+    before = _rss_kib(sidecar.proc.pid)
+    data = await exchange(sidecar.port, b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert statuses(data) == [502, 200]
+    assert _rss_kib(sidecar.proc.pid) - before < 32 * 1024
+
+
 # --- 4. a reset is not an end ----------------------------------------------------------------
 
 async def test_close_delimited_response_cut_by_a_reset_reaches_the_client_incomplete(
@@ -291,3 +309,43 @@ async def test_gzip_upload_arrives_intact_and_the_answer_is_the_apps(sidecar: Si
     assert statuses(data) == [200, 200]
     assert recorder.requests[0].body == body
     assert data is not None and echo(recorder.requests[0]).data.split(b"\r\n\r\n")[1] in data
+
+
+NOT_HANDSHAKES = {
+    "head": b"HEAD /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n",
+    "no-connection-upgrade": b"GET /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n",
+    "a-body": b"GET /h HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_HANDSHAKES))
+async def test_a_request_that_is_not_a_websocket_handshake_reaches_the_app_as_sent(
+        sidecar: Sidecar, recorder: Recorder, name: str) -> None:
+    """Found by the smuggling fuzz: any request with ``Upgrade: websocket`` went through the
+    websocket client, which sent the app a bodiless GET of its own (a HEAD logged as HEAD
+    reached the app as GET; a body was dropped) and gave the client a made-up
+    ``200 Invalid response status``.  Only a GET handshake (RFC 6455 4.1: Connection:
+    upgrade, a key, no body) is relayed as a websocket; the rest is HTTP, Upgrade dropped."""
+    raw = NOT_HANDSHAKES[name]
+    data = await exchange(sidecar.port, raw)
+    assert statuses(data) == [200, 200], data
+    method = raw.split(b" ", 1)[0].decode()
+    assert [(r.method, r.target) for r in recorder.requests] == [(method, b"/h"), ("GET", b"/end")]
+    assert recorder.requests[0].body == (b"hello" if name == "a-body" else b"")
+    assert not recorder.requests[0].header("Upgrade")
+    assert data is not None and b"Invalid response status" not in data
+    await assert_counted(sidecar, recorder)
+
+
+async def test_a_nul_in_the_reason_phrase_is_a_502_not_an_error(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """Found by the smuggling fuzz: llhttp lets a NUL through in the app's reason phrase;
+    aiohttp's writer then refused the head (ValueError: an error line with a traceback, and a
+    500). RFC 9112 4: the reason is HTAB, SP, VCHAR or obs-text: the answer is refused, 502."""
+    recorder.reply = scripted(b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok")
+    data = await exchange(sidecar.port, b"GET /cr HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert statuses(data) == [502, 200], data
+    await sidecar.wait_log("upstream error")
+    assert not [line for line in sidecar.raw if "Traceback" in line or '"level": "error"' in line]

@@ -37,7 +37,7 @@ from .responses import (
     upstream_error,
     upstream_error_kind,
 )
-from .websocket import relay_websocket
+from .websocket import is_handshake, relay_websocket
 
 __all__ = ("CLIENT_CLOSED", "Forwarder", "RequestFlight")
 
@@ -105,7 +105,7 @@ class Forwarder:
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
+            if is_handshake(request):
                 resp, status = await self._websocket(request)
             else:
                 resp, status = await self._forward(request)

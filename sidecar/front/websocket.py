@@ -24,12 +24,25 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ("relay_websocket",)
+__all__ = ("is_handshake", "relay_websocket")
 
 _CLOSE_WAIT = 5.0  # how long a side may take to answer a close frame
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_WAIT)
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+def is_handshake(request: web.BaseRequest) -> bool:
+    """A websocket opening handshake (RFC 6455 4.1): a GET without a body, ``Upgrade:
+    websocket``, ``Connection`` naming ``upgrade``, and a key.  Anything else is forwarded
+    as plain HTTP (``Upgrade`` is hop-by-hop), so the app gets the request the client
+    framed: the websocket client would send a bodiless GET of its own, and the client
+    would get a made-up answer instead of the app's."""
+    headers = request.headers
+    if (request.method != "GET" or request.body_exists
+            or headers.get("Upgrade", "").lower() != "websocket" or "Sec-WebSocket-Key" not in headers):
+        return False
+    return "upgrade" in {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
 
 
 async def relay_websocket(

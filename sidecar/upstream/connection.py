@@ -32,67 +32,19 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import re
 from collections.abc import Callable
 from typing import cast
 
 import httptools
 
+from .response import NotHTTP, Response, UpstreamError, closed_early, peer_of
+
 __all__ = ("HIGH_WATER", "Connection", "NotHTTP", "Response", "UpstreamError")
 
+
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
-
-
-class UpstreamError(Exception):
-    """A failed exchange with the app; ``kind`` is ``connect``, ``timeout`` or ``reset``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class NotHTTP(UpstreamError):
-    """The app's first bytes were not an HTTP response: the port speaks something else
-    (Redis, Postgres, TLS...).  Counted as ``reset``; the 502 and the log say it in words."""
-
-    def __init__(self, address: str) -> None:
-        self.what = f"the app on {address} did not answer HTTP"
-        super().__init__("reset", f"invalid response from the upstream: {self.what}")
-
-
-def _peer(transport: asyncio.Transport | None) -> str:
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
-        return f"{host}:{peer[1]}"
-    return str(peer or "the upstream address")
-
-
-def _closed_early() -> UpstreamError:
-    return UpstreamError("reset", "the upstream closed the connection before the response was complete")
-
-
-class Response:
-    """What one exchange learns from the app, filled in by the parser's callbacks."""
-
-    __slots__ = ("buffered", "chunks", "complete", "error", "head_bytes", "head_done",
-                 "head_only", "headers", "interim", "keep_alive", "reason", "status",
-                 "status_seen")
-
-    def __init__(self, *, head_only: bool, complete: bool = False) -> None:
-        self.head_only = head_only  # HEAD: the response ends with its head
-        self.status = 0
-        self.reason = ""
-        self.status_seen = False  # a status line was read: the app speaks HTTP
-        self.headers: list[tuple[str, str]] = []
-        self.head_done = False
-        self.head_bytes = 0  # bytes received before the final head was complete
-        self.interim = False  # inside a 1xx response (between its head and its end)
-        self.keep_alive = False
-        self.complete = complete
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.error: UpstreamError | None = None
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # RFC 9112 4: HTAB / SP / VCHAR / obs-text
 
 
 class Connection(asyncio.Protocol):
@@ -135,7 +87,7 @@ class Connection(asyncio.Protocol):
             if isinstance(cause, UpstreamError):
                 self.fail(cause)
             elif not resp.status_seen:  # not even a status line: not an HTTP server
-                self.fail(NotHTTP(_peer(self.transport)))
+                self.fail(NotHTTP(peer_of(self.transport)))
             else:
                 self.fail(UpstreamError("reset", f"invalid response from the upstream: {exc}"))
             return
@@ -168,8 +120,11 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         resp = self.response
-        resp.reason = reason.decode("utf-8", "surrogateescape")
         resp.status_seen = True
+        if not _REASON.fullmatch(reason):  # llhttp lets a NUL through; the client side refuses it
+            raise UpstreamError("reset", "invalid response from the upstream: "
+                                f"a control character in the reason phrase {reason[:40]!r}")
+        resp.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self.response
@@ -241,7 +196,7 @@ class Connection(asyncio.Protocol):
             await self._write_waiter
         resp = self.response
         if self.closed and not resp.complete:
-            raise resp.error or _closed_early()
+            raise resp.error or closed_early()
 
     async def response_head(self) -> Response:
         resp = self.response
@@ -319,7 +274,7 @@ class Connection(asyncio.Protocol):
         elif resp.head_done and not resp.complete and self._until_close():
             resp.complete = True  # a body delimited by the connection close
         elif not resp.complete:
-            self.fail(_closed_early())
+            self.fail(closed_early())
         self._wake()
 
     def fail(self, error: UpstreamError) -> None:

@@ -33,6 +33,7 @@ class Recorded:
     version: str = ""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
+    answered: bool = False  # early: before its body was read
 
     def header(self, name: str) -> list[bytes]:
         low = name.lower().encode()
@@ -49,7 +50,8 @@ def echo(req: Recorded) -> Reply:
     """200 whose body is ``METHOD TARGET sha256(body)[:16]`` and CRLF: which request this answers."""
     body = b"%s %s %s\r\n" % (req.method.encode(), req.target,
                               hashlib.sha256(req.body).hexdigest()[:16].encode())
-    return Reply(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return Reply(head if req.method == "HEAD" else head + body)
 
 
 class _Conn(asyncio.Protocol):
@@ -99,6 +101,9 @@ class _Conn(asyncio.Protocol):
         assert self._current is not None
         self._current.method = self._parser.get_method().decode("latin-1")
         self._current.version = self._parser.get_http_version()
+        if self._recorder.early is not None and self._recorder.early(self._current):
+            self._current.answered = True
+            self._answer(self._current)
 
     def on_body(self, body: bytes) -> None:
         assert self._current is not None
@@ -108,6 +113,11 @@ class _Conn(asyncio.Protocol):
         req, self._current = self._current, None
         assert req is not None
         self._recorder.requests.append(req)
+        if not req.answered:
+            self._answer(req)
+
+    def _answer(self, req: Recorded) -> None:
+        self._recorder.answered.append(req)
         reply = self._recorder.reply(req)
         transport = self._transport
         if self._done or transport is None:
@@ -132,8 +142,10 @@ class Recorder:
 
     def __init__(self, reply: Callable[[Recorded], Reply] = echo) -> None:
         self.reply = reply
+        self.early: Callable[[Recorded], bool] | None = None  # which requests are answered early
         self.requests: list[Recorded] = []
         self.partial: list[Recorded] = []  # heads whose body never completed
+        self.answered: list[Recorded] = []  # in the order answered (early answers: body not read)
         self.errors: list[str] = []  # parse errors (a request the app could not read)
         self.received = bytearray()
         self.port = 0
@@ -165,6 +177,7 @@ class Recorder:
 
     def clear(self) -> None:
         self.requests.clear()
+        self.answered.clear()
         self.partial.clear()
         self.errors.clear()
         self.received.clear()
