@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -174,6 +175,22 @@ async def metric(client: aiohttp.ClientSession, admin: str, line_start: str) -> 
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{line_start} not in metrics:\n{text}")
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m sidecar ARGS`` without the caller's SIDECAR_* variables: (code, out, err)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args, env=full_env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def statuses(data: bytes | None) -> list[int]:
+    """The status codes of the HTTP/1.x answers in raw bytes, in order."""
+    return [int(code) for code in re.findall(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", data or b"")]
 
 
 def upstream_url(server: TestServer) -> str:

@@ -8,23 +8,12 @@ import json
 import os
 import pty
 import signal
-import sys
 from datetime import UTC, datetime
 
 import pytest
 
 from sidecar.drain_client import admin_url
-from tests.conftest import ROOT, StartSidecar, free_port, upstream_url
-
-
-async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", *args, env=full_env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode(), err.decode()
+from tests.conftest import StartSidecar, free_port, run_cli, upstream_url
 
 
 @pytest.mark.parametrize(("given", "url"), [
@@ -43,7 +32,7 @@ def test_drain_admin_takes_a_url_or_the_host_port_that_run_admin_takes(given: st
 
 async def test_drain_admin_host_port_drains_a_running_sidecar(start_sidecar: StartSidecar, upstream) -> None:
     sidecar = await start_sidecar({"drain": {"delay": "0s"}}, upstream=upstream_url(upstream))
-    code, out, err = await _cli("drain", "--admin", f"127.0.0.1:{sidecar.admin_port}")
+    code, out, err = await run_cli("drain", "--admin", f"127.0.0.1:{sidecar.admin_port}")
     assert code == 0, err
     assert json.loads(out)["state"] == "drained"
     assert await sidecar.wait_exit() == 0
@@ -51,7 +40,7 @@ async def test_drain_admin_host_port_drains_a_running_sidecar(start_sidecar: Sta
 
 @pytest.mark.parametrize("given", ["ftp://h:1", "127.0.0.1:port", "http://:9901", "http://h:99999"])
 async def test_drain_with_a_malformed_admin_is_an_argument_error_exit_2(given: str) -> None:
-    code, out, err = await _cli("drain", "--admin", given)
+    code, out, err = await run_cli("drain", "--admin", given)
     assert code == 2 and out == ""
     assert "--admin: expected a URL like http://127.0.0.1:9901 or HOST:PORT" in err
     assert "cannot reach" not in err
@@ -61,7 +50,7 @@ async def test_drain_timeout_while_draining_says_it_was_reached_and_exits_3(
         start_sidecar: StartSidecar, upstream) -> None:
     sidecar = await start_sidecar({"drain": {"delay": "3s", "timeout": "5s"}},
                                   upstream=upstream_url(upstream))
-    code, _, err = await _cli("drain", "--admin", sidecar.admin, "--timeout", "300ms")
+    code, _, err = await run_cli("drain", "--admin", sidecar.admin, "--timeout", "300ms")
     assert code == 3, err
     assert "was reached and is draining, but had not finished after 0.3s" in err
     assert "(state draining, 0 in flight)" in err
@@ -70,7 +59,7 @@ async def test_drain_timeout_while_draining_says_it_was_reached_and_exits_3(
 
 
 async def test_drain_of_a_port_nobody_listens_on_says_cannot_reach_and_exits_1() -> None:
-    code, _, err = await _cli("drain", "--admin", f"127.0.0.1:{free_port()}", "--timeout", "2s")
+    code, _, err = await run_cli("drain", "--admin", f"127.0.0.1:{free_port()}", "--timeout", "2s")
     assert code == 1
     assert "cannot reach the sidecar at http://127.0.0.1:" in err and "refused" in err.lower()
 
@@ -79,7 +68,7 @@ async def test_run_help_describes_the_command_and_names_every_variable() -> None
     from sidecar.config import SCHEMA
     from sidecar.config.sources import env_name
 
-    code, out, _ = await _cli("run", "--help")
+    code, out, _ = await run_cli("run", "--help")
     assert code == 0
     assert "wrap mode" in out and "precedence: built-in defaults < config file" in out
     for flag, env in (("--listen", "SIDECAR_LISTEN"), ("--admin", "SIDECAR_ADMIN"),

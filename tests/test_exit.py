@@ -21,6 +21,7 @@ from tests.conftest import (
     StartUpstream,
     free_port,
     read_events,
+    run_cli,
     upstream_url,
 )
 
@@ -221,19 +222,10 @@ def _comm(pid: int) -> str:
         return ""
 
 
-async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sidecar", *args, env=full_env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
 async def test_sidecar_drain_exits_0_after_a_clean_drain(start_sidecar: StartSidecar, upstream) -> None:
     sidecar = await start_sidecar({"drain": {"delay": "100ms"}}, upstream=upstream_url(upstream),
                                   env={"SIDECAR_ADMIN_TOKEN": "tok"})
-    code, out, err = await _cli("drain", "--admin", sidecar.admin, env={"SIDECAR_ADMIN_TOKEN": "tok"})
+    code, out, err = await run_cli("drain", "--admin", sidecar.admin, env={"SIDECAR_ADMIN_TOKEN": "tok"})
     assert code == 0, err
     assert '"state": "drained"' in out
     assert await sidecar.wait_exit() == 0
@@ -246,20 +238,20 @@ async def test_sidecar_drain_exits_1_when_requests_were_aborted(
         stuck = asyncio.ensure_future(client.get(sidecar.url + "/hold?key=x"))
         async with client.get(upstream_url(upstream) + "/__started?key=x"):
             pass
-        code, _, err = await _cli("drain", "--admin", sidecar.admin)
+        code, _, err = await run_cli("drain", "--admin", sidecar.admin)
         assert code == 1 and "aborted" in err
         stuck.cancel()
     assert await sidecar.wait_exit() == 0
 
 
 async def test_sidecar_drain_exits_1_when_the_sidecar_is_unreachable_or_refuses() -> None:
-    code, _, err = await _cli("drain", "--admin", f"http://127.0.0.1:{free_port()}", "--timeout", "2s")
+    code, _, err = await run_cli("drain", "--admin", f"http://127.0.0.1:{free_port()}", "--timeout", "2s")
     assert code == 1 and "cannot reach" in err
 
 
 async def test_sidecar_drain_no_wait_returns_at_once(start_sidecar: StartSidecar, upstream) -> None:
     sidecar = await start_sidecar({"drain": {"delay": "1s"}}, upstream=upstream_url(upstream))
-    code, out, _ = await _cli("drain", "--admin", sidecar.admin, "--no-wait")
+    code, out, _ = await run_cli("drain", "--admin", sidecar.admin, "--no-wait")
     assert code == 0 and '"state": "draining"' in out
     assert await sidecar.wait_exit() == 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, UPSTREAM_APP, free_port
+from tests.conftest import ROOT, UPSTREAM_APP, free_port, statuses
 
 SOCKET_TIMEOUT = 30.0  # per example; the sidecar's own timeouts end every exchange long before
 
@@ -184,11 +183,6 @@ def exchange(port: int, data: bytes) -> bytes:
         except ConnectionResetError:
             pass
         return bytes(received)
-
-
-def statuses(data: bytes) -> list[int]:
-    # The app's bodies used here (JSON, text, bytes(range(256))) never hold CRLF + "HTTP/1.x ".
-    return [int(code) for code in re.findall(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", data)]
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -11,7 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Sidecar, StartSidecar, raw_request, upstream_events, upstream_url
+from tests.conftest import (
+    Sidecar,
+    StartSidecar,
+    raw_request,
+    statuses,
+    upstream_events,
+    upstream_url,
+)
 
 MALFORMED = {
     "content-length-and-transfer-encoding":
@@ -62,10 +69,6 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes
         return await asyncio.wait_for(reader.read(), timeout)
     except ConnectionResetError:
         return None
-
-
-def statuses(data: bytes | None) -> list[int]:
-    return [int(code) for code in re.findall(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", data or b"")]
 
 
 async def metric(admin: str, name: str) -> float:
