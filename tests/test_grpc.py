@@ -173,9 +173,10 @@ async def test_curl_http2_prior_knowledge_reaches_an_h2c_app(start_sidecar, grpc
 
 async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         start_sidecar, grpc_app) -> None:
-    """``upstream.timeout`` is the time to the response headers, not the stream's length:
-    a call whose answer is late gets 504 (gRPC: UNAVAILABLE) and is cancelled at the app;
-    a stream that has its headers runs longer than the timeout."""
+    """``upstream.timeout`` is the time from the end of the request to the response
+    headers, not the stream's length: a call whose answer is late gets 504 (gRPC:
+    UNAVAILABLE) and is cancelled at the app; a client stream that takes longer than the
+    timeout to send, and a stream that has its headers, run on."""
     sidecar = await sidecar_for(start_sidecar, grpc_app, {"upstream": {"timeout": "1s"}})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -183,6 +184,14 @@ async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "504" in (err.value.details() or "")
         await grpc_app.wait_call("Slow", "cancelled")
+
+        async def slow_upload() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b"x" * 10
+                await asyncio.sleep(0.6)  # 1.8 s of sending, over upstream.timeout
+
+        upload = ch.stream_unary("/test.Echo/Upload")
+        assert await upload(slow_upload(), timeout=20) == b"3:30"
         chat = ch.stream_stream("/test.Echo/Chat")(timeout=20)
         await chat.write(b"first")
         assert await chat.read() == b"first"
