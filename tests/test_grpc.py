@@ -201,3 +201,27 @@ async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         await chat.done_writing()
         assert await chat.code() == grpc.StatusCode.OK
     await sidecar.wait_log("upstream error", kind="timeout")
+
+
+async def test_unix_socket_app(start_sidecar, start_grpc_app, tmp_path) -> None:
+    sock = tmp_path / "grpc.sock"
+    await start_grpc_app("--unix", str(sock))
+    sidecar = await start_sidecar(upstream=f"unix:{sock}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
+        assert await unary(ch)(b"over a unix socket", timeout=10) == b"over a unix socket"
+
+
+async def test_idle_connection_gets_goaway_at_the_idle_timeout(start_sidecar, grpc_app) -> None:
+    """``client.idle_timeout``: no stream that long, the connection is ended with a GOAWAY
+    naming its last stream (the client reconnects when it needs to)."""
+    from hyperframe.frame import GoAwayFrame
+
+    from tests.h2client import RawH2
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"client": {"idle_timeout": "1s"}})
+    client = await RawH2.open(sidecar.port)
+    sid = client.request("/test.Echo/Unary", b"x")
+    assert (await client.response(sid))["trailers"]["grpc-status"] == "0"
+    goaway = await client.wait(lambda f: isinstance(f, GoAwayFrame))
+    assert (goaway.last_stream_id, goaway.error_code) == (sid, 0)
+    await client.wait_eof()
+    await client.close()
