@@ -225,3 +225,21 @@ async def test_idle_connection_gets_goaway_at_the_idle_timeout(start_sidecar, gr
     assert (goaway.last_stream_id, goaway.error_code) == (sid, 0)
     await client.wait_eof()
     await client.close()
+
+
+async def test_streams_while_starting_get_503_and_never_reach_the_app(
+        start_sidecar, grpc_app) -> None:
+    """Before the app is healthy (here its HTTP health path never answers), a stream gets
+    503 with Retry-After (gRPC: UNAVAILABLE), is counted rejected as starting, and the app
+    never sees it; the connection is kept, and its HPACK state with the app stays right."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"upstream": {"health_path": "/h"}})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(ch)(b"x", metadata=(("x-id", "early"),), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "503" in (err.value.details() or "")
+    assert grpc_app.calls() == []
+    async with aiohttp.ClientSession() as s:
+        assert await metric(s, sidecar.admin,
+                            'sidecar_requests_rejected_total{reason="starting"}') == 2
