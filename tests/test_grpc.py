@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import grpc.aio
+import hpack
 import pytest
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame, WindowUpdateFrame
 
 from tests.conftest import StartSidecar, free_port, metric
 from tests.grpc_fixtures import GrpcApp, sidecar_for
+from tests.h2client import PREFACE, RawH2, grpc_message
 
 MAX = 32 * 1024 * 1024
 OPTIONS = [("grpc.max_receive_message_length", MAX), ("grpc.max_send_message_length", MAX),
@@ -214,9 +217,6 @@ async def test_unix_socket_app(start_sidecar, start_grpc_app, tmp_path) -> None:
 async def test_idle_connection_gets_goaway_at_the_idle_timeout(start_sidecar, grpc_app) -> None:
     """``client.idle_timeout``: no stream that long, the connection is ended with a GOAWAY
     naming its last stream (the client reconnects when it needs to)."""
-    from hyperframe.frame import GoAwayFrame
-
-    from tests.h2client import RawH2
     sidecar = await sidecar_for(start_sidecar, grpc_app, {"client": {"idle_timeout": "1s"}})
     client = await RawH2.open(sidecar.port)
     sid = client.request("/test.Echo/Unary", b"x")
@@ -243,3 +243,38 @@ async def test_streams_while_starting_get_503_and_never_reach_the_app(
     async with aiohttp.ClientSession() as s:
         assert await metric(s, sidecar.admin,
                             'sidecar_requests_rejected_total{reason="starting"}') == 2
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_client_that_stops_reading_holds_no_memory_in_the_proxy(
+        start_sidecar, grpc_app) -> None:
+    """A client that opens every window wide (2^31-1) and then stops reading: the app
+    would send 256 MiB, but the sidecar stops reading the app while the client's socket
+    is full, so its memory stays flat; the download then completes when the client reads."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app)
+    before = rss_kib(sidecar.proc.pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                    (":path", "/test.Echo/Download"), (":authority", "t"),
+                                    ("content-type", "application/grpc"), ("te", "trailers")])
+    frames = [SettingsFrame(0, settings={4: 2**31 - 1}),
+              WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535),
+              HeadersFrame(1, data=block, flags=["END_HEADERS"]),
+              DataFrame(1, data=grpc_message(b"256:1048576"), flags=["END_STREAM"])]
+    writer.write(PREFACE + b"".join(bytes(f.serialize()) for f in frames))
+    await grpc_app.wait_call("Download", "start")
+    await asyncio.sleep(3)  # the app writes as fast as it can; nobody reads
+    grown = rss_kib(sidecar.proc.pid) - before
+    assert grown < 48 * 1024, f"the sidecar grew by {grown} KiB while the client did not read"
+    total = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+        total += len(chunk)
+        if total > 256 * 1048576:
+            break
+    assert total > 256 * 1048576
+    writer.close()
+    await writer.wait_closed()
