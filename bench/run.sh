@@ -14,8 +14,11 @@ script=throughput
 case "${1:-}" in
   throughput|scale|drain|timeline|rolling|soak|grpc_rolling|h2c) script=$1; shift ;;
 esac
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+# (Re)install when the venv is new or pyproject.toml changed since (new dependencies).
+stamp="$venv/.sidecar-pyproject"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$repo/pyproject.toml" "$stamp"; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q -e "$repo[uvloop,bench]"
+  cp "$repo/pyproject.toml" "$stamp"
 fi
 exec "$venv/bin/python" "$repo/bench/$script.py" "$@"
