@@ -17,5 +17,8 @@ esac
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -e "$repo[uvloop,bench]"
+elif ! "$venv/bin/python" -c "import grpc, grpc_health, h2, hpack" 2>/dev/null; then
+  # A venv made before the HTTP/2 work: add what the gRPC scripts and the sidecar now need.
+  "$venv/bin/pip" install -q -e "$repo[uvloop,bench]"
 fi
 exec "$venv/bin/python" "$repo/bench/$script.py" "$@"
