@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import grpc.aio
+import hpack
 import pytest
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame, WindowUpdateFrame
 
 from tests.conftest import StartSidecar, free_port, metric
 from tests.grpc_fixtures import GrpcApp, sidecar_for
+from tests.h2client import PREFACE, RawH2, grpc_message
 
 MAX = 32 * 1024 * 1024
 OPTIONS = [("grpc.max_receive_message_length", MAX), ("grpc.max_send_message_length", MAX),
@@ -173,9 +176,10 @@ async def test_curl_http2_prior_knowledge_reaches_an_h2c_app(start_sidecar, grpc
 
 async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         start_sidecar, grpc_app) -> None:
-    """``upstream.timeout`` is the time to the response headers, not the stream's length:
-    a call whose answer is late gets 504 (gRPC: UNAVAILABLE) and is cancelled at the app;
-    a stream that has its headers runs longer than the timeout."""
+    """``upstream.timeout`` is the time from the end of the request to the response
+    headers, not the stream's length: a call whose answer is late gets 504 (gRPC:
+    UNAVAILABLE) and is cancelled at the app; a client stream that takes longer than the
+    timeout to send, and a stream that has its headers, run on."""
     sidecar = await sidecar_for(start_sidecar, grpc_app, {"upstream": {"timeout": "1s"}})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -183,6 +187,14 @@ async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "504" in (err.value.details() or "")
         await grpc_app.wait_call("Slow", "cancelled")
+
+        async def slow_upload() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b"x" * 10
+                await asyncio.sleep(0.6)  # 1.8 s of sending, over upstream.timeout
+
+        upload = ch.stream_unary("/test.Echo/Upload")
+        assert await upload(slow_upload(), timeout=20) == b"3:30"
         chat = ch.stream_stream("/test.Echo/Chat")(timeout=20)
         await chat.write(b"first")
         assert await chat.read() == b"first"
@@ -192,3 +204,77 @@ async def test_upstream_timeout_bounds_the_wait_for_response_headers_only(
         await chat.done_writing()
         assert await chat.code() == grpc.StatusCode.OK
     await sidecar.wait_log("upstream error", kind="timeout")
+
+
+async def test_unix_socket_app(start_sidecar, start_grpc_app, tmp_path) -> None:
+    sock = tmp_path / "grpc.sock"
+    await start_grpc_app("--unix", str(sock))
+    sidecar = await start_sidecar(upstream=f"unix:{sock}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
+        assert await unary(ch)(b"over a unix socket", timeout=10) == b"over a unix socket"
+
+
+async def test_idle_connection_gets_goaway_at_the_idle_timeout(start_sidecar, grpc_app) -> None:
+    """``client.idle_timeout``: no stream that long, the connection is ended with a GOAWAY
+    naming its last stream (the client reconnects when it needs to)."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"client": {"idle_timeout": "1s"}})
+    client = await RawH2.open(sidecar.port)
+    sid = client.request("/test.Echo/Unary", b"x")
+    assert (await client.response(sid))["trailers"]["grpc-status"] == "0"
+    goaway = await client.wait(lambda f: isinstance(f, GoAwayFrame))
+    assert (goaway.last_stream_id, goaway.error_code) == (sid, 0)
+    await client.wait_eof()
+    await client.close()
+
+
+async def test_streams_while_starting_get_503_and_never_reach_the_app(
+        start_sidecar, grpc_app) -> None:
+    """Before the app is healthy (here its HTTP health path never answers), a stream gets
+    503 with Retry-After (gRPC: UNAVAILABLE), is counted rejected as starting, and the app
+    never sees it; the connection is kept, and its HPACK state with the app stays right."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"upstream": {"health_path": "/h"}})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}", options=OPTIONS) as ch:
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(ch)(b"x", metadata=(("x-id", "early"),), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "503" in (err.value.details() or "")
+    assert grpc_app.calls() == []
+    async with aiohttp.ClientSession() as s:
+        assert await metric(s, sidecar.admin,
+                            'sidecar_requests_rejected_total{reason="starting"}') == 2
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_client_that_stops_reading_holds_no_memory_in_the_proxy(
+        start_sidecar, grpc_app) -> None:
+    """A client that opens every window wide (2^31-1) and then stops reading: the app
+    would send 256 MiB, but the sidecar stops reading the app while the client's socket
+    is full, so its memory stays flat; the download then completes when the client reads."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app)
+    before = rss_kib(sidecar.proc.pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                    (":path", "/test.Echo/Download"), (":authority", "t"),
+                                    ("content-type", "application/grpc"), ("te", "trailers")])
+    frames = [SettingsFrame(0, settings={4: 2**31 - 1}),
+              WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535),
+              HeadersFrame(1, data=block, flags=["END_HEADERS"]),
+              DataFrame(1, data=grpc_message(b"256:1048576"), flags=["END_STREAM"])]
+    writer.write(PREFACE + b"".join(bytes(f.serialize()) for f in frames))
+    await grpc_app.wait_call("Download", "start")
+    await asyncio.sleep(3)  # the app writes as fast as it can; nobody reads
+    grown = rss_kib(sidecar.proc.pid) - before
+    assert grown < 48 * 1024, f"the sidecar grew by {grown} KiB while the client did not read"
+    total = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+        total += len(chunk)
+        if total > 256 * 1048576:
+            break
+    assert total > 256 * 1048576
+    writer.close()
+    await writer.wait_closed()

@@ -160,3 +160,20 @@ async def test_refused_stream_that_changed_the_hpack_table_does_not_desync_the_a
     assert [(g.last_stream_id, g.error_code) for g in client.of(GoAwayFrame)] == [
         (MAX_ID, 0), (1, 0)]
     await client.close()
+
+
+async def test_final_goaway_comes_even_if_the_client_never_acks_the_ping(
+        start_sidecar: StartSidecar, grpc_app: GrpcApp) -> None:
+    """The final GOAWAY waits for the PING's ACK (the proof the client saw the first
+    GOAWAY), but only briefly: a client that never answers still gets it."""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"drain": {"delay": "300ms"}})
+    client = await RawH2.open(sidecar.port, ack_pings=False)
+    sid = client.request("/test.Echo/Slow", b"3")
+    await grpc_app.wait_call("Slow", "start")
+    await trigger(sidecar)
+    await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == OURS)
+    final = await client.wait(lambda f: isinstance(f, GoAwayFrame) and f.last_stream_id == sid)
+    assert final.error_code == 0
+    assert (await client.response(sid))["trailers"]["grpc-status"] == "0"
+    await client.wait_eof()
+    await client.close()

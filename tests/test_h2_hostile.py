@@ -105,7 +105,7 @@ async def test_ping_flood_is_enhance_your_calm(sidecar: Sidecar) -> None:
 async def test_rapid_reset_is_enhance_your_calm(sidecar: Sidecar) -> None:
     """CVE-2023-44487: streams opened and reset at once, thousands of them."""
     client = await served(sidecar.port)
-    for _ in range(2000):
+    for _ in range(3000):
         sid = client.request("/test.Echo/Slow", b"10", end=False)
         client.send(RstStreamFrame(sid, error_code=0x8))
     await goaway_then_close(client, ENHANCE_YOUR_CALM)
@@ -158,4 +158,21 @@ async def test_connection_window_overflow_is_flow_control_error(sidecar: Sidecar
     client.send(WindowUpdateFrame(0, window_increment=2**31 - 1),
                 WindowUpdateFrame(0, window_increment=2**31 - 1))
     await goaway_then_close(client, FLOW_CONTROL_ERROR)
+    await assert_still_serving(sidecar)
+
+
+async def test_streams_over_the_per_connection_cap_are_refused(sidecar: Sidecar, grpc_app) -> None:
+    """At most 1000 open streams per connection; the next is refused (REFUSED_STREAM,
+    safe to retry) without reaching the app, and the connection goes on."""
+    client = await served(sidecar.port)
+    for _ in range(1000):  # requests whose message never comes: the app has not started them
+        client.request("/test.Echo/Unary", end=False)
+    over = client.request("/test.Echo/Unary", b"over")
+    reset = await client.wait(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == over)
+    assert reset.error_code == 0x7
+    client.send(*[RstStreamFrame(sid, error_code=0x8) for sid in range(1, over, 2)])
+    answer = await client.response(client.request("/test.Echo/Unary", b"after"))
+    assert answer["trailers"]["grpc-status"] == "0"
+    assert b"over" not in b"".join(str(c).encode() for c in grpc_app.calls())
+    await client.close()
     await assert_still_serving(sidecar)

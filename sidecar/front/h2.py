@@ -35,7 +35,7 @@ import hpack
 from . import h2wire as w
 from .h2app import AppSide
 from .h2base import OPAQUE, Block, Stop
-from .h2hub import CLIENT_CLOSED
+from .h2hub import CLIENT_CLOSED, H2Stream
 
 __all__ = ("H2Connection",)
 
@@ -103,15 +103,13 @@ class H2Connection(AppSide):
             stop = pos + 9 + length
             if stop > end:
                 break
-            if ftype == w.DATA and self._cblock is None:
+            if ftype == w.DATA and self._cblock is None and self._greeted:
                 if self._dropped and sid in self._dropped:  # its stream never reached the app
                     aq.append(data[start:pos])
                     self._drop_data(sid, flags, length)
                     start = stop
                 elif flags & w.END_STREAM and (stream := streams.get(sid)) is not None:
-                    stream.client_ended = True
-                    if stream.app_ended:
-                        self._end(stream, stream.status)
+                    self._client_ended(stream)
             elif not self._client_frame(data, pos, stop, ftype, flags, sid):
                 aq.append(data[start:pos])  # the run before it, then what replaced it
                 aq.extend(self._replaced)
@@ -207,9 +205,7 @@ class H2Connection(AppSide):
         if stream is not None:  # trailers
             self._to_app(frames, fields, flags)
             if flags & w.END_STREAM:
-                stream.client_ended = True
-                if stream.app_ended:
-                    self._end(stream, stream.status)
+                self._client_ended(stream)
         elif sid > self._highest and sid & 1:
             self._highest = sid
             self._new_stream(sid, flags, frames, fields, changed)
@@ -249,10 +245,18 @@ class H2Connection(AppSide):
         self._streams[sid] = stream
         self._processed = sid
         if flags & w.END_STREAM:
-            stream.client_ended = True
-        if hub.response_timeout:
-            stream.timer = self._loop.call_later(hub.response_timeout, self._timed_out, stream)
+            self._client_ended(stream)
         self._to_app(frames, fields, flags)
+
+    def _client_ended(self, stream: H2Stream) -> None:
+        """The client's side of the stream is complete: from now on the app has
+        ``upstream.timeout`` to send its response headers (a long upload or a client
+        stream is never cut by it)."""
+        stream.client_ended = True
+        if stream.app_ended:
+            self._end(stream, stream.status)
+        elif not stream.status and (timeout := self._hub.response_timeout):
+            stream.timer = self._loop.call_later(timeout, self._timed_out, stream)
 
     def _drop_stream(self, sid: int, flags: int, changed: bool) -> None:
         """The app will never see this stream (nor its later frames)."""

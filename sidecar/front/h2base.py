@@ -90,6 +90,10 @@ class H2Base(asyncio.Protocol):
         (self._cq if self._served else self._early).append(frame)
 
     def _flush(self) -> None:
+        if self._closed:  # ended (its last frames went out before) or aborted
+            self._cq.clear()
+            self._aq.clear()
+            return
         if self._cq and self._transport is not None:
             self._transport.write(b"".join(self._cq) if len(self._cq) > 1 else self._cq[0])
         self._cq.clear()

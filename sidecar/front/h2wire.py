@@ -229,7 +229,7 @@ class Bucket:
 # Hostile-input limits, per connection.
 MAX_BLOCK = 64 * 1024  # bytes of one header block (HEADERS + CONTINUATION): CVE-2024-27316
 MAX_BLOCK_FRAMES = 64  # frames of one header block (empty CONTINUATION floods)
-RESET_BURST, RESET_RATE = 400, 200.0  # client RST_STREAMs: CVE-2023-44487 (rapid reset)
+RESET_BURST, RESET_RATE = 1000, 200.0  # client RST_STREAMs: CVE-2023-44487 (rapid reset)
 CONTROL_BURST, CONTROL_RATE = 1000, 200.0  # client SETTINGS and PINGs (floods)
 
 

@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log")
     parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--unix", help="also listen on this unix socket")
     args = parser.parse_args()
     log = Log(args.log)
     server = grpc.server(
@@ -128,6 +129,8 @@ def main() -> None:
         maximum_concurrent_rpcs=None,
     )
     server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.unix:
+        server.add_insecure_port(f"unix:{args.unix}")
     server.start()
     stopped = threading.Event()
 
