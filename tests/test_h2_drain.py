@@ -6,11 +6,17 @@ reaching the client."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import aiohttp
 import hpack
+import pytest
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
 
-from tests.conftest import Sidecar, StartSidecar, metric
+from tests.conftest import Sidecar, StartSidecar, free_port, metric, wait_port
 from tests.grpc_fixtures import GrpcApp, StartGrpcApp, sidecar_for
 from tests.h2client import RawH2, grpc_message
 
@@ -176,4 +182,44 @@ async def test_final_goaway_comes_even_if_the_client_never_acks_the_ping(
     assert final.error_code == 0
     assert (await client.response(sid))["trailers"]["grpc-status"] == "0"
     await client.wait_eof()
+    await client.close()
+
+
+@pytest.fixture
+async def nghttpd(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
+    """nghttp2's HTTP/2 server (h2c), logging every frame it receives."""
+    if not shutil.which("nghttpd"):
+        pytest.skip("nghttpd is not installed")
+    (tmp_path / "index.html").write_text("hello\n")
+    port, log = free_port(), tmp_path / "nghttpd.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            "nghttpd", "-v", "--no-tls", "-d", str(tmp_path), str(port),
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_port(port)
+        yield port, log
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_the_drain_ping_ack_is_not_forwarded_but_the_clients_pings_are(
+        start_sidecar: StartSidecar, nghttpd: tuple[int, Path]) -> None:
+    """Any h2c app (nghttpd here): requests pass; the client's PING reaches the app and its
+    ACK comes back; the ACK of the sidecar's own PING is the sidecar's, never the app's."""
+    port, log = nghttpd
+    sidecar = await start_sidecar({"drain": {"delay": "5s"}}, upstream=f"http://127.0.0.1:{port}")
+    client = await RawH2.open(sidecar.port)
+    answer = await client.response(client.request("/index.html", method="GET", grpc=False))
+    assert (answer["headers"][":status"], answer["data"]) == ("200", b"hello\n")
+    client.send(PingFrame(0, opaque_data=b"abcdefgh"))
+    await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == b"abcdefgh")
+    await trigger(sidecar)
+    await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == OURS)
+    answer = await client.response(client.request("/index.html", method="GET", grpc=False))
+    assert answer["headers"][":status"] == "200"  # after our ACK went out
+    seen = log.read_text()
+    assert "opaque_data=6162636465666768" in seen  # the client's PING reached the app
+    assert OURS.hex() not in seen  # the ACK of ours did not
     await client.close()

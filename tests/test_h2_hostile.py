@@ -176,3 +176,15 @@ async def test_streams_over_the_per_connection_cap_are_refused(sidecar: Sidecar,
     assert b"over" not in b"".join(str(c).encode() for c in grpc_app.calls())
     await client.close()
     await assert_still_serving(sidecar)
+
+
+async def test_preface_split_across_reads_is_still_http2(sidecar: Sidecar) -> None:
+    client = await RawH2.open(sidecar.port, preface=False)
+    settings = bytes(SettingsFrame(0).serialize())  # with the last piece: it must come first
+    for piece in (PREFACE[:3], PREFACE[3:17], PREFACE[17:] + settings):
+        client.send_raw(piece)
+        await client.writer.drain()
+        await asyncio.sleep(0.05)  # separate reads on the sidecar's side
+    answer = await client.response(client.request("/test.Echo/Unary", b"split"))
+    assert answer["trailers"]["grpc-status"] == "0"
+    await client.close()

@@ -106,7 +106,8 @@ class H2Base(asyncio.Protocol):
             self._ending = False
             self._closed = True
             transport = self._transport
-            transport.write_eof() if transport.can_write_eof() else None
+            if transport.can_write_eof():
+                transport.write_eof()  # the client reads what was sent, then EOF
             self._loop.call_later(LINGER, transport.abort)  # if the client does not close
             if self._app is not None:
                 self._app.close()

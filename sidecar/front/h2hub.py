@@ -64,7 +64,6 @@ class H2Hub:
         self.retry_after = str(config.drain.retry_after)
         self._factory = factory
         self._conns: set[H2Connection] = set()
-        self._closing = False
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -91,7 +90,6 @@ class H2Hub:
     def closing(self) -> None:
         """Admission stops: every connection gets its final GOAWAY (after its PING's ACK,
         or a short wait for it); new streams are refused from now on."""
-        self._closing = True
         for conn in list(self._conns):
             conn.stop_admission()
 
