@@ -26,6 +26,7 @@ Run: bench/run.sh h2c   (about 6 min: 6 targets x 3 stages x 2 rounds x 10 s)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -163,7 +164,8 @@ def report(args, results: list[dict], versions: dict, elapsed: float, cmd: str) 
          "of the rounds; CPU µs/stream = utime+stime of the proxy's processes / streams answered 2xx; "
          "p99 added = p99 − direct's p99 of the same round (median of the rounds)."), "",
         ("| target | max: streams/s | max: CPU µs/stream | rate: CPU µs/stream | rate: p50 ms | "
-        "rate: p99 ms | p99 added ms | errors | others % |"), "|---|---|---|---|---|---|---|---|---|"]
+         "rate: p99 ms | p99 added ms | gRPC: calls/s | gRPC: CPU µs/call | errors | others % |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         added = [r["p99"] - direct99[r["round"]] for r in results
                  if r["target"] == n and r["stage"] == "rate" and r["round"] in direct99]
@@ -174,11 +176,12 @@ def report(args, results: list[dict], versions: dict, elapsed: float, cmd: str) 
             f"{fmt(med(n, 'rate', 'proxy_us'))} | {fmt(med(n, 'rate', 'p50'), 2)} | "
             f"{fmt(med(n, 'rate', 'p99'), 2)} | {fmt(statistics.median(added), 2) if added else 'n/a'} | "
             f"{fmt(med(n, 'grpc', 'rps'))} | {fmt(med(n, 'grpc', 'proxy_us'))} | {errors} | {min(others):.0f}-{max(others):.0f} |")
-    sc = {s: med("sidecar", s, "proxy_us") for s in ("max", "rate")}
-    ratios = [f"{p} {sc['max'] / v:.2f}" for p in ("nginx", "haproxy", "traefik", "caddy")
-              if sc["max"] and (v := med(p, "max", "proxy_us"))]
-    if ratios:
-        lines += ["", "Sidecar CPU per stream (max) ÷ each peer's, same run: " + ", ".join(ratios) + "."]
+    for stage in ("max", "rate", "grpc"):
+        sc = med("sidecar", stage, "proxy_us")
+        ratios = [f"{p} {sc / v:.2f}" for p in ("nginx", "haproxy", "traefik", "caddy")
+                  if sc and (v := med(p, stage, "proxy_us"))]
+        if ratios:
+            lines += ["", f"Sidecar CPU per stream ({stage}) ÷ each peer's, same run: " + ", ".join(ratios) + "."]
     lines += ["", "Per run:", "", "| round | target | stage | streams/s | CPU µs/stream | p99 ms | others % |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['round']} | {r['target']} | {r['stage']} | {fmt(r['rps'])} | {fmt(r['proxy_us'])} | "
@@ -197,9 +200,18 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=1000, help="streams/s of the rate stage (10 connections)")
     ap.add_argument("--out", default=os.path.join(C.RESULTS, "h2c.md"))
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--report-from", metavar="RAW_JSON", help="only render the report of an earlier "
+                    "run (results/raw/h2c.json)")
     C.add_sidecar_args(ap)
     args = ap.parse_args()
     C.select_sidecar(args.sidecar_root, args.sidecar_python)
+    if args.report_from:
+        with open(args.report_from) as f:
+            raw = json.load(f)
+        text = report(argparse.Namespace(**raw["args"]), raw["results"], raw["versions"], raw["elapsed"],
+                      raw.get("cmd", "python bench/h2c.py"))
+        R.write_results("h2c", args.out, raw, text, time.time())
+        return 0
     targets = [t for t in args.targets.split(",") if t]
     if bad := set(targets) - set(TARGETS):
         raise SystemExit(f"unknown target(s) {sorted(bad)}")
@@ -255,7 +267,7 @@ def main() -> int:
     elapsed = time.time() - t_start
     text = report(args, results, versions, elapsed, cmd)
     R.write_results("h2c", args.out, {"args": vars(args), "versions": versions, "results": results,
-                                      "elapsed": elapsed}, text, t_start)
+                                      "elapsed": elapsed, "cmd": cmd}, text, t_start)
     return 0
 
 
