@@ -16,13 +16,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from sidecar import __version__
-from sidecar.config import load, to_yaml
+from sidecar.config import load
 from tests.injecting import (
     KUBERNETES,
     MANIFESTS,
@@ -32,12 +31,13 @@ from tests.injecting import (
     find,
     flat,
     inject,
+    injected_pod,
     load_docs,
     sidecar,
     template,
     write,
 )
-from tests.test_k8s_replay import PodSpec, assert_lossless, losses, replay_termination
+from tests.test_k8s_replay import assert_lossless, losses, replay_termination
 
 # ---- what inject adds -----------------------------------------------------------------------
 
@@ -234,19 +234,6 @@ def test_injected_output_validates_strictly_for_kubernetes_1_32(mode: list[str],
 
 # ---- a pod termination replayed on an injected Deployment ----------------------------------------
 
-def injected_pod(docs: list[Any]) -> PodSpec:
-    """The replay's view of an injected Deployment: the sidecar's config is what `sidecar`
-    loads from the container's SIDECAR_* env (the replay writes it to a file, scaled, so the
-    variables themselves are not passed on)."""
-    spec = template(find(docs, "Deployment", "web"))["spec"]
-    side = container(spec, "drain-sidecar")
-    config = yaml.safe_load(to_yaml(load(None, env=env(side))))
-    as_run = {**side, "env": [e for e in side["env"] if not e["name"].startswith("SIDECAR_")]}
-    (app,) = spec["containers"][:1]
-    native = side in spec.get("initContainers", []) and side.get("restartPolicy") == "Always"
-    return PodSpec(spec, app, as_run, config, native)
-
-
 def _replayable() -> str:
     """web.yaml, with readiness also waiting for the app and a final scrape after the drain
     (drain.linger), as deploy/base has them."""
@@ -263,7 +250,7 @@ async def test_deleting_an_injected_pod_loses_no_admitted_request(mode: list[str
     injected preStop, SIGTERMs, native-sidecar order, grace period): every request the app
     received is answered 2xx, the app is signalled only after the drain, nothing is killed."""
     docs, _ = inject("-", *mode, stdin=_replayable())
-    pod = injected_pod(docs)
+    pod = injected_pod(docs, "web")
     assert pod.native == (not mode)
     replay = await replay_termination(pod, tmp_path)
     assert_lossless(replay)
@@ -275,7 +262,7 @@ async def test_deleting_an_injected_pod_loses_no_admitted_request(mode: list[str
 async def test_the_replay_catches_an_injected_pod_without_its_prestop(tmp_path: Path) -> None:
     """Not a rubber stamp: the same injected pod with the app's preStop removed loses requests."""
     docs, _ = inject("-", stdin=_replayable())
-    pod = injected_pod(docs)
+    pod = injected_pod(docs, "web")
     pod.app.pop("lifecycle")
     replay = await replay_termination(pod, tmp_path)
     found = {p.split(":")[0] for p in losses(replay)}
