@@ -9,7 +9,8 @@ server of another protocol answers that line or speaks first (Redis' ``-ERR``, M
 ``ERROR``, a MySQL or SMTP greeting, an AMQP header, a TLS alert): bytes that are not an HTTP
 status line keep readiness red with "the app on HOST:PORT did not answer HTTP", asked again at
 every probe.  Silence, a close, or an HTTP answer count as "accepts", and later probes only
-connect.  (A full request would be surer, but it would reach every app's handlers and logs.)
+connect; so does an HTTP/2 server's preface (a SETTINGS frame on stream 0, RFC 9113 §3.4), which
+an h2c-only server such as grpc-go or nghttpd sends before it reads, or in answer to the line.  (A full request would be surer, but it would reach every app's handlers and logs.)
 
 The probe runs at once at start-up, then every ``upstream.health_interval``, and
 feeds ``sidecar_upstream_up`` and readiness: an upstream that cannot be reached
@@ -198,10 +199,18 @@ async def not_other_protocol(up: UpstreamConfig, listen: float = _LISTEN) -> Non
     reader, writer = await asyncio.wait_for(opening, up.connect_timeout)
     status = _StatusLine()
     parser = httptools.HttpResponseParser(status)
+    frame = b""  # the first bytes, when they may be an HTTP/2 frame header (9 bytes)
     try:
         writer.write(b"OPTIONS * HTTP/1.1\r\n")
         async with asyncio.timeout(listen):
             while not status.seen and (data := await reader.read(4096)):
+                if frame or data[:1] == b"\0":  # no status line starts so: a frame's length
+                    frame += data
+                    if len(frame) < 9:
+                        continue
+                    if _h2_server_preface(frame):
+                        return  # an h2c-only server: HTTP
+                    data = frame
                 parser.feed_data(data)
     except httptools.HttpParserError:
         where = up.unix_path or f"{URL(up.url).host}:{URL(up.url).port}"
@@ -210,6 +219,13 @@ async def not_other_protocol(up: UpstreamConfig, listen: float = _LISTEN) -> Non
         pass  # silent, or closed: what an HTTP server does with half a request
     finally:
         writer.close()
+
+
+def _h2_server_preface(head: bytes) -> bool:
+    """An HTTP/2 server's first frame: SETTINGS (type 4), not an ACK, on stream 0, its length
+    a multiple of 6 (RFC 9113 §3.4, §6.5)."""
+    length = int.from_bytes(head[:3], "big")
+    return head[3] == 0x4 and not head[4] & 0x1 and head[5:9] == bytes(4) and length % 6 == 0
 
 
 async def something_answers(upstream: UpstreamConfig) -> bool:

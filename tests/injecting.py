@@ -15,9 +15,12 @@ from typing import Any
 
 import yaml
 
+from sidecar.config import load, to_yaml
+from tests.k8s_replay import PodSpec
+
 __all__ = ("KINDS", "KUBERNETES", "KUBERNETES_RECENT", "MANIFESTS", "PUBLIC", "ROOT", "container",
-           "env", "find", "flat", "inject", "load_docs", "notes", "sidecar", "template",
-           "validate", "write")
+           "env", "find", "flat", "inject", "injected_pod", "load_docs", "notes", "sidecar",
+           "template", "validate", "write")
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = Path(__file__).resolve().parent / "manifests" / "examples"
@@ -68,6 +71,20 @@ def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 def env(c: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+def injected_pod(docs: list[Any], name: str, kind: str = "Deployment") -> PodSpec:
+    """The pod-termination replay's view of an injected workload (tests/k8s_replay.py): the
+    sidecar's config is what `sidecar` loads from the container's SIDECAR_* env (the replay
+    writes it to a file, scaled, so the variables themselves are not passed on); the app is the
+    first regular container."""
+    spec = template(find(docs, kind, name))["spec"]
+    side = container(spec, "drain-sidecar")
+    config = yaml.safe_load(to_yaml(load(None, env=env(side))))
+    as_run = {**side, "env": [e for e in side["env"] if not e["name"].startswith("SIDECAR_")]}
+    (app,) = spec["containers"][:1]
+    native = side in spec.get("initContainers", []) and side.get("restartPolicy") == "Always"
+    return PodSpec(spec, app, as_run, config, native)
 
 
 def load_docs(path: Path) -> list[Any]:

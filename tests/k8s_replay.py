@@ -3,7 +3,9 @@ manifests, and proves that nothing admitted is lost.
 
 What is real: ``sidecar run`` as a process, with the ConfigMap's sidecar.yaml (only the
 listen/admin/upstream addresses moved to free loopback ports, via --listen/--admin/--upstream);
-an example app as a process (tests/apps/replay_app.py); keep-alive client load.
+an example app as a process (tests/apps/replay_app.py); keep-alive client load. Both are
+pluggable (``replay_termination(app=..., load=...)``): tests/grpc_load.py replays a gRPC pod
+with a grpcio app (tests/apps/grpc_pod.py) and grpc.aio clients over h2c.
 
 What is replayed from the manifest, the way the kubelet does it: the app container's preStop
 hook exactly as written (an httpGet's path, port - a named port resolved among the hook's own
@@ -43,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -66,6 +68,13 @@ DURATION_KEYS = {
 
 
 APP = Path(__file__).resolve().parent / "apps" / "replay_app.py"
+
+
+def replay_app(port: int, log: Path, tag: str) -> list[str]:
+    """The default app's command line. An app of the replay listens on 127.0.0.1:``port``,
+    writes ``recv ID T`` / ``done ID T`` / ``sigterm - T`` lines to ``log`` (T =
+    time.monotonic(), ID = the load's request id) and dies on SIGTERM at once."""
+    return [sys.executable, str(APP), "--port", str(port), "--log", str(log), "--tag", tag]
 
 
 # ---- the pod, as rendered -----------------------------------------------------------------------
@@ -129,12 +138,16 @@ def scaled(config: dict[str, Any], factor: float) -> dict[str, Any]:
 @dataclass
 class Outcome:
     rid: str
-    kind: str  # ok | rejected (503 + Retry-After) | refused (connect failed) | status | transport
+    # ok | rejected (503 + Retry-After) | refused (connect failed) | status (any other answer) |
+    # transport | unavailable (gRPC UNAVAILABLE: not served, the client may retry elsewhere)
+    kind: str
     started: float
     ended: float
-    status: int | None = None
+    status: int | None = None  # the HTTP status, or the gRPC status code
     detail: str = ""
-    closed: bool = False  # the response carried Connection: close
+    # The connection was told to go: the response carried Connection: close (HTTP/1.1), or the
+    # channel was no longer READY after the call (HTTP/2: it got a GOAWAY).
+    closed: bool = False
 
 
 @dataclass
@@ -156,6 +169,7 @@ class Replay:
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     events: list[tuple[float, str]] = field(default_factory=list)
     sidecar_log: str = ""
+    ready_status: dict[str, Any] = field(default_factory=dict)  # /status once /readyz said 200
 
     def event(self, text: str) -> None:
         self.events.append((time.monotonic(), text))
@@ -176,6 +190,26 @@ class Replay:
         if self.app_name in self.sigterm_sent:
             times.append(self.sigterm_sent[self.app_name])
         return min(times, default=None)
+
+
+class ReplayLoad(Protocol):
+    """What the replay drives: ``steady(n)`` workers run until ``stop`` (and leave once
+    ``endpoints_removed`` is set and their connection was told to go, unless ``laggard``);
+    ``long(n, ms)`` is one request of ``ms`` started late in drain.delay. Every request is an
+    Outcome appended to the replay; ``warm`` is set after 2 x STEADY_WORKERS ``ok``."""
+
+    endpoints_removed: asyncio.Event
+    stop: asyncio.Event
+    warm: asyncio.Event
+    in_flight: int
+
+    async def steady(self, n: int, *, laggard: bool = False) -> None: ...
+
+    async def long(self, n: int, ms: int) -> None: ...
+
+
+LoadFactory = Callable[..., ReplayLoad]  # (url, replay, *, timeout) -> ReplayLoad
+AppCommand = Callable[[int, Path, str], list[str]]  # (port, log, tag) -> argv
 
 
 class Load:
@@ -364,7 +398,8 @@ async def observe(admin: str, replay: Replay, done: asyncio.Event) -> None:
 
 
 async def replay_termination(pod: PodSpec, tmp_path: Path, *, scale: float = SCALE,
-                             tag: str = "") -> Replay:
+                             tag: str = "", app: AppCommand = replay_app,
+                             load: LoadFactory = Load) -> Replay:
     """Start the app and the sidecar as the pod would, load them, delete the pod."""
     replay = Replay(app_name=pod.app["name"])
     listen, admin, app_port = free_port(), free_port(), free_port()
@@ -382,9 +417,8 @@ async def replay_termination(pod: PodSpec, tmp_path: Path, *, scale: float = SCA
     replay.grace, replay.delay = pod.grace * scale, delay
 
     async with contextlib.AsyncExitStack() as stack:
-        app = await stack.enter_async_context(process(
-            [sys.executable, str(APP), "--port", str(app_port), "--log", str(app_log),
-             "--tag", tag], log=tmp_path / "app.out", env=env))
+        app_proc = await stack.enter_async_context(process(
+            app(app_port, app_log, tag), log=tmp_path / "app.out", env=env))
         sidecar = await stack.enter_async_context(process(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path),
              "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
@@ -403,36 +437,39 @@ async def replay_termination(pod: PodSpec, tmp_path: Path, *, scale: float = SCA
             return False
 
         await wait_until(ready, "the sidecar's /readyz (with the app healthy behind it)")
+        async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+            replay.ready_status = await resp.json()
 
-        load = Load(f"http://127.0.0.1:{listen}", replay, timeout=replay.grace + 10)
+        clients = load(f"http://127.0.0.1:{listen}", replay, timeout=replay.grace + 10)
         done = asyncio.Event()
         observer: asyncio.Task[None] | None = None
-        workers = [asyncio.create_task(load.steady(n)) for n in range(STEADY_WORKERS)]
-        workers += [asyncio.create_task(load.steady(n, laggard=True))
+        workers = [asyncio.create_task(clients.steady(n)) for n in range(STEADY_WORKERS)]
+        workers += [asyncio.create_task(clients.steady(n, laggard=True))
                     for n in range(LAGGARD_WORKERS)]
         try:
-            await asyncio.wait_for(load.warm.wait(), 15)
+            await asyncio.wait_for(clients.warm.wait(), 15)
 
             # The pod is deleted: the kubelet starts, endpoints go away within delay/2, and
             # requests that take most of drain.timeout arrive late in drain.delay.
             replay.t0 = time.monotonic()
-            replay.in_flight_at_trigger = load.in_flight
+            replay.in_flight_at_trigger = clients.in_flight
             replay.event("pod deleted")
             observer = asyncio.create_task(observe(f"http://127.0.0.1:{admin}", replay, done))
-            kubelet = Kubelet(pod, {pod.app["name"]: app, pod.sidecar["name"]: sidecar},
+            kubelet = Kubelet(pod, {pod.app["name"]: app_proc, pod.sidecar["name"]: sidecar},
                               ports, replay, scale)
             deletion = asyncio.create_task(kubelet.delete_pod())
             await asyncio.sleep(delay / 2)
-            load.endpoints_removed.set()
+            clients.endpoints_removed.set()
             replay.event("endpoints removed: clients open no new connection")
             await asyncio.sleep(delay * 0.1)  # sent at 0.6 x drain.delay
             long_ms = int(timeout * 0.8 * 1000)
-            workers += [asyncio.create_task(load.long(n, long_ms)) for n in range(LONG_REQUESTS)]
+            workers += [asyncio.create_task(clients.long(n, long_ms))
+                        for n in range(LONG_REQUESTS)]
             replay.event(f"{LONG_REQUESTS} requests of {long_ms}ms sent")
             await asyncio.wait_for(deletion, replay.grace + KUBELET_MIN_GRACE * scale * 2 + 10)
             replay.event("all containers exited")
         finally:
-            load.stop.set()
+            clients.stop.set()
             await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 30)
             done.set()
             if observer is not None:
@@ -503,7 +540,8 @@ def assert_lossless(replay: Replay) -> None:
     closing = [t for t, state, _ in replay.samples if state in ("closing", "drained")]
     assert closing, "the sidecar was never seen closing\n" + replay.timeline()
     assert any(o.closed for o in replay.outcomes if o.started > replay.t0), \
-        "no response carried Connection: close during the drain\n" + replay.timeline()
+        "no connection was told to go during the drain (HTTP/1.1 Connection: close, HTTP/2 " \
+        "GOAWAY)\n" + replay.timeline()
     long = [o for o in replay.outcomes if o.rid.startswith("long")]
     assert len(long) == LONG_REQUESTS and all(o.kind == "ok" for o in long), replay.timeline()
     assert all(o.started < closing[0] < o.ended for o in long), \

@@ -12,9 +12,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
+import grpc.aio
 import hpack
 import pytest
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 from tests.conftest import Sidecar, StartSidecar, free_port, metric, wait_port
 from tests.grpc_fixtures import GrpcApp, StartGrpcApp, sidecar_for
@@ -96,20 +105,52 @@ async def test_stream_still_running_at_the_drain_deadline_is_cancelled_both_ways
     await client.close()
 
 
-async def test_connection_made_while_draining_is_served_and_told_at_once(
+async def test_connection_made_while_draining_is_served_and_told_at_its_first_stream(
         start_sidecar: StartSidecar, grpc_app: GrpcApp) -> None:
+    """A client whose endpoints still list the pod connects during drain.delay: it is not told
+    GOAWAY before it has opened a stream (a gRPC client would then never use the connection);
+    its first stream is forwarded and followed by GOAWAY(2^31-1) and the PING; a stream it
+    opens after reading them is still forwarded (2^31-1); both are answered by the app."""
     sidecar = await sidecar_for(start_sidecar, grpc_app, {"drain": {"delay": "5s"}})
     await trigger(sidecar)
     await sidecar.wait_log("state draining")
     client = await RawH2.open(sidecar.port)
+    await client.wait(lambda f: isinstance(f, SettingsFrame) and "ACK" not in f.flags)
+    client.send(PingFrame(0, opaque_data=b"roundtrp"))  # the app's ACK follows anything sent
+    await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == b"roundtrp")
+    assert client.of(GoAwayFrame) == [], client.summary()
+
+    first = client.request("/test.Echo/Unary", b"first")
     goaway = await client.wait(lambda f: isinstance(f, GoAwayFrame))
-    assert goaway.last_stream_id == MAX_ID
-    await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == OURS)
-    sid = client.request("/test.Echo/Unary", b"during")  # sent before it read the GOAWAY
-    answer = await client.response(sid)
-    assert answer["trailers"]["grpc-status"] == "0"
-    assert [c["method"] for c in grpc_app.calls()] == ["Unary"]
+    assert (goaway.last_stream_id, goaway.error_code) == (MAX_ID, 0)
+    ping = await client.wait(lambda f: isinstance(f, PingFrame) and f.opaque_data == OURS)
+    assert client.frames.index(ping) > client.frames.index(goaway)
+    second = client.request("/test.Echo/Unary", b"second")
+    for sid in (first, second):
+        answer = await client.response(sid)
+        assert answer["trailers"]["grpc-status"] == "0", client.summary()
+    assert [c["method"] for c in grpc_app.calls()] == ["Unary", "Unary"]
+    assert goaways(client) == [(MAX_ID, 0)]
     await client.close()
+
+
+async def test_grpc_client_connecting_while_draining_gets_its_calls_served(
+        start_sidecar: StartSidecar, grpc_app: GrpcApp) -> None:
+    """A real grpcio channel (retries off, so no retry hides a failure) opened during
+    drain.delay: each call is served by the app, not failed UNAVAILABLE. (Told GOAWAY with the
+    server's SETTINGS, grpcio never sent a call on the connection and reconnected until closing.)"""
+    sidecar = await sidecar_for(start_sidecar, grpc_app, {"drain": {"delay": "10s", "timeout": "10s"}})
+    await trigger(sidecar)
+    await sidecar.wait_log("state draining")
+    for n in range(3):  # each call on a new channel, and the channel reconnects after GOAWAY
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}",
+                                             options=[("grpc.enable_retries", 0)]) as ch:
+            for m in range(2):
+                body = f"{n}-{m}".encode()
+                assert await ch.unary_unary("/test.Echo/Unary")(body, timeout=10) == body
+    assert [c["method"] for c in grpc_app.calls()] == ["Unary"] * 6
+    async with aiohttp.ClientSession() as s, s.get(sidecar.admin + "/status") as r:
+        assert (await r.json())["state"] == "draining"  # served by draining, not after it
 
 
 async def test_the_apps_goaway_reaches_the_client(

@@ -14,13 +14,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from sidecar import __version__
-from sidecar.config import load, to_yaml
+from sidecar.config import load
 from tests.injecting import (
     MANIFESTS,
     ROOT,
@@ -29,13 +28,14 @@ from tests.injecting import (
     find,
     flat,
     inject,
+    injected_pod,
     load_docs,
     sidecar,
     template,
     validate,
     write,
 )
-from tests.k8s_replay import PodSpec, assert_lossless, losses, replay_termination
+from tests.k8s_replay import assert_lossless, losses, replay_termination
 
 # ---- what inject adds -----------------------------------------------------------------------
 
@@ -227,19 +227,6 @@ def test_injected_output_validates_strictly_for_kubernetes_1_32(mode: list[str],
 
 # ---- a pod termination replayed on an injected Deployment ----------------------------------------
 
-def injected_pod(docs: list[Any]) -> PodSpec:
-    """The replay's view of an injected Deployment: the sidecar's config is what `sidecar`
-    loads from the container's SIDECAR_* env (the replay writes it to a file, scaled, so the
-    variables themselves are not passed on)."""
-    spec = template(find(docs, "Deployment", "web"))["spec"]
-    side = container(spec, "drain-sidecar")
-    config = yaml.safe_load(to_yaml(load(None, env=env(side))))
-    as_run = {**side, "env": [e for e in side["env"] if not e["name"].startswith("SIDECAR_")]}
-    (app,) = spec["containers"][:1]
-    native = side in spec.get("initContainers", []) and side.get("restartPolicy") == "Always"
-    return PodSpec(spec, app, as_run, config, native)
-
-
 def _replayable() -> str:
     """web.yaml, with readiness also waiting for the app and a final scrape after the drain
     (drain.linger), as deploy/base has them."""
@@ -256,7 +243,7 @@ async def test_deleting_an_injected_pod_loses_no_admitted_request(mode: list[str
     injected preStop, SIGTERMs, native-sidecar order, grace period): every request the app
     received is answered 2xx, the app is signalled only after the drain, nothing is killed."""
     docs, _ = inject("-", *mode, stdin=_replayable())
-    pod = injected_pod(docs)
+    pod = injected_pod(docs, "web")
     assert pod.native == (not mode)
     replay = await replay_termination(pod, tmp_path)
     assert_lossless(replay)
@@ -268,7 +255,7 @@ async def test_deleting_an_injected_pod_loses_no_admitted_request(mode: list[str
 async def test_the_replay_catches_an_injected_pod_without_its_prestop(tmp_path: Path) -> None:
     """Not a rubber stamp: the same injected pod with the app's preStop removed loses requests."""
     docs, _ = inject("-", stdin=_replayable())
-    pod = injected_pod(docs)
+    pod = injected_pod(docs, "web")
     pod.app.pop("lifecycle")
     replay = await replay_termination(pod, tmp_path)
     found = {p.split(":")[0] for p in losses(replay)}

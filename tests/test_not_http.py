@@ -6,7 +6,8 @@ answers 502 with "the app on HOST:PORT did not answer HTTP" (and logs the same),
 without upstream.health_path does not turn green: its first probe writes half an HTTP request
 (the line ``OPTIONS * HTTP/1.1``, which an HTTP server waits to complete) and gets bytes that
 are not HTTP.  An app that stays silent (every HTTP server, and an h2c-only gRPC server) still
-counts as "its port accepts", as before.
+counts as "its port accepts", as before; so does an h2c-only server that sends its HTTP/2
+server preface first (grpc-go, nghttpd).
 
 The non-HTTP app is a real TCP server that answers every line like Redis (``-ERR ...``), and the
 real ``redis-server`` when it is installed.
@@ -21,8 +22,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from tests.conftest import StartSidecar, free_port, upstream_events, wait_port
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 FAST = {"upstream": {"health_interval": "200ms", "connect_timeout": "1s"}}
 
@@ -132,6 +136,32 @@ async def test_readiness_without_health_path_is_green_for_any_http_answer(
     silent = await tcp_app(_silent)
     quiet = await start_sidecar(FAST, upstream=f"http://127.0.0.1:{silent}")
     await asyncio.wait_for(_until_ready(quiet.admin), 15)
+
+
+async def _h2c_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Speak first as grpc-go's server does: the server preface (SETTINGS), then read; on a
+    client preface that is not one, a GOAWAY(PROTOCOL_ERROR) (RFC 9113 §3.4) and the end."""
+    try:
+        writer.write(SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100})
+                     .serialize())
+        await writer.drain()
+        if await reader.read(24) != PREFACE:
+            writer.write(GoAwayFrame(0, last_stream_id=0, error_code=1).serialize())
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_readiness_without_health_path_is_green_for_an_h2c_only_server(
+        start_sidecar: StartSidecar, tcp_app: Callable[[Handler], Awaitable[int]]) -> None:
+    """A gRPC server that sends its HTTP/2 server preface before it reads (grpc-go, nghttpd)
+    answers the probe's line with SETTINGS then GOAWAY: that is HTTP (h2c), so readiness turns
+    green and gRPC calls can be forwarded; it used to say "did not answer HTTP" forever."""
+    port = await tcp_app(_h2c_server)
+    sidecar = await start_sidecar(FAST, upstream=f"http://127.0.0.1:{port}")
+    await asyncio.wait_for(_until_ready(sidecar.admin), 15)
 
 
 async def _until_ready(admin: str) -> None:

@@ -117,7 +117,7 @@ def get(target: str = "/") -> bytes:
 
 async def exchange(p: Pool, head: bytes, body: Body | None = None, *, chunked: bool = False,
                    head_only: bool = False) -> tuple[int, Sink]:
-    ex = Exchange(p)
+    ex = Exchange(p, timeout=10.0)
     try:
         resp = await ex.send(head, body, chunked=chunked, head_only=head_only)
         sink = Sink()
@@ -220,11 +220,10 @@ async def test_head_waits_for_the_first_body_byte_and_a_stalled_client_is_its_ow
         p = pool(a.port)
         head = request_head("POST", "/up", [("Host", "app"), ("Content-Length", "5")],
                             host=None, body=True, has_length=True)
-        ex = Exchange(p)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await ex.send(head, Body(stall=True), chunked=False, head_only=False)
-        assert ex.timeout_error(0.2).kind == "client_timeout"
+        ex = Exchange(p, timeout=0.2)
+        with pytest.raises(UpstreamError) as err:
+            await ex.send(head, Body(stall=True), chunked=False, head_only=False)
+        assert err.value.kind == "client_timeout"
         ex.close()
         assert a.connections == 0  # the app never saw a head whose body never came
         p.close()
@@ -299,6 +298,21 @@ async def test_a_response_head_over_the_cap_fails_the_exchange() -> None:
         p.close()
 
 
+async def test_an_app_slower_than_the_timeout_fails_the_exchange_as_a_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader, bytearray())
+        await reader.read()  # never answers
+
+    async with app(silent) as a:
+        p = pool(a.port)
+        ex = Exchange(p, timeout=0.2)
+        with pytest.raises(UpstreamError) as err:
+            await ex.send(get(), None, chunked=False, head_only=False)
+        assert err.value.kind == "timeout"
+        ex.close()
+        p.close()
+
+
 async def test_an_exchange_closed_before_its_end_closes_the_connection_the_app_sees_it() -> None:
     gone = asyncio.Event()
 
@@ -311,7 +325,7 @@ async def test_an_exchange_closed_before_its_end_closes_the_connection_the_app_s
 
     async with app(slow) as a:
         p = pool(a.port)
-        ex = Exchange(p)
+        ex = Exchange(p, timeout=10.0)
         resp = await ex.send(get(), None, chunked=False, head_only=False)
         assert resp.status == 200
         ex.close()  # a client that went away, or the drain's deadline

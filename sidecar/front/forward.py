@@ -9,7 +9,6 @@ admission has stopped, the connection ends with the answer it is given.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from time import monotonic
 
@@ -158,21 +157,18 @@ class Forwarder:
             has_length=has_length,
         )
         chunked = body is not None and not has_length
-        exchange = Exchange(pool)
+        exchange = Exchange(pool, timeout=self._exchange_timeout)
         resp: ProxyResponse | None = None
         try:
-            async with asyncio.timeout(self._exchange_timeout):
-                up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
-                resp = ProxyResponse(status=up.status, reason=up.reason)
-                resp.headers.extend(response_headers(up.headers))
-                resp.codings = transfer_codings(up.headers)
-                if self._drain.triggered:
-                    resp.force_close()
-                await exchange.relay(ClientSink(request, resp))
+            up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
+            resp = ProxyResponse(status=up.status, reason=up.reason)
+            resp.headers.extend(response_headers(up.headers))
+            resp.codings = transfer_codings(up.headers)
+            if self._drain.triggered:
+                resp.force_close()
+            await exchange.relay(ClientSink(request, resp))
             return resp, up.status
-        except (UpstreamError, TimeoutError) as err:
-            exc = err if isinstance(err, UpstreamError) else exchange.timeout_error(
-                self._exchange_timeout or 0.0)
+        except UpstreamError as exc:
             if exc.kind == "client_timeout":  # the client, not the app, is the slow party
                 logger.info("client timeout", extra={"fields": {"error": str(exc)}})
                 if resp is not None and resp.prepared:

@@ -9,10 +9,12 @@ What the sidecar adds, and why:
   log, and the client's table as the app sees it.  A block the sidecar drops (a refused
   stream) would leave the app's table behind if it changed the table: from then on the
   client's blocks are re-encoded towards the app with our own ``hpack.Encoder``.
-- The drain (RFC 9113 §6.8): GOAWAY(2^31-1) and a PING at the trigger; a final GOAWAY
-  naming the last stream forwarded at ``closing`` (once the PING's ACK came, or after
-  ``PING_ACK_WAIT``); streams opened later get RST_STREAM REFUSED_STREAM and never reach
-  the app; at the deadline the drain resets what is left (RST_STREAM CANCEL both ways).
+- The drain (RFC 9113 §6.8): GOAWAY(2^31-1) and a PING at the trigger (on a connection
+  made while draining: once its first stream is forwarded, see ``connection_made``); a
+  final GOAWAY naming the last stream forwarded at ``closing`` (once the PING's ACK came,
+  or after ``PING_ACK_WAIT``); streams opened later get RST_STREAM REFUSED_STREAM and
+  never reach the app; at the deadline the drain resets what is left (RST_STREAM CANCEL
+  both ways).
   Our PING's ACK is not forwarded; the app's PINGs and GOAWAYs pass through (a GOAWAY
   of the app's naming a higher stream than one already sent is lowered to it).
 - Frames of its own (RST_STREAM, GOAWAY, PING, local 502/503/504 headers) are written
@@ -53,10 +55,15 @@ class H2Connection(AppSide):
                                             self._preface_timeout)
         self._dial = asyncio.ensure_future(self._open_app())
         drain = self._hub.drain
-        if drain.triggered:  # made during the drain: told at once
-            self.start_drain()
         if not drain.admitting:
             self.stop_admission()
+        elif drain.triggered:
+            # Made while draining (a client whose endpoints still list this pod): served, and
+            # told once its first stream is forwarded, as HTTP/1.1 answers it Connection:
+            # close. Told at once, it would never be used: gRPC clients send their first call
+            # only after the server's SETTINGS, and a GOAWAY read with them sends every call
+            # to yet another connection to this pod, told the same, until closing.
+            self._drain_at_first_stream = True
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -247,6 +254,8 @@ class H2Connection(AppSide):
         if flags & w.END_STREAM:
             self._client_ended(stream)
         self._to_app(frames, fields, flags)
+        if self._drain_at_first_stream:
+            self._tell_drain()  # its GOAWAY follows this turn's frames (data_received flushes)
 
     def _client_ended(self, stream: H2Stream) -> None:
         """The client's side of the stream is complete: from now on the app has

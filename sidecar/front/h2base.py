@@ -76,6 +76,7 @@ class H2Base(asyncio.Protocol):
         self._goaway_last = w.MAX_STREAM_ID  # lowest last-stream-id the client was told
         self._app_goaway: int | None = None
         self._draining = self._admission_stopped = self._final = self._ping_acked = False
+        self._drain_at_first_stream = False  # made while draining: told once a stream is in
         self._limits = w.Limits()
         self._timer: asyncio.TimerHandle | None = None  # preface, idle, or final GOAWAY
         self._idle_since = self._loop.time()
@@ -199,12 +200,17 @@ class H2Base(asyncio.Protocol):
     def start_drain(self) -> None:
         """The trigger: GOAWAY(2^31-1) then a PING (RFC 9113 §6.8), so the client opens
         new streams elsewhere and, by the ACK, shows it has seen the GOAWAY."""
+        self._tell_drain()
+        self._flush()
+
+    def _tell_drain(self) -> None:
+        """``start_drain`` without the write (inside a turn that flushes at its end)."""
+        self._drain_at_first_stream = False
         if self._draining or self._closed:
             return
         self._draining = True
         self._goaway(w.MAX_STREAM_ID)
         self._to_client(w.ping(OPAQUE))
-        self._flush()
 
     def stop_admission(self) -> None:
         """``closing``: new streams are refused from now on; the final GOAWAY goes out

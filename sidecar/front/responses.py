@@ -58,7 +58,7 @@ class ProxyResponse(web.StreamResponse):
 
     async def _write_headers(self) -> None:
         await super()._write_headers()
-        if self.reason.isascii() and all(v.isascii() for v in self.headers.values()):
+        if self.reason.isascii() and "".join(self.headers.values()).isascii():
             return
         # aiohttp has validated the head (no CR/LF) and buffered its UTF-8 form without
         # the escaped bytes: put the faithful bytes in its place (aiohttp has no hook).

@@ -27,8 +27,8 @@ in-process with plain objects (tests/test_upstream_leg.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Awaitable, Iterable
+from typing import Protocol, TypeVar
 
 from .connection import Connection, Response, UpstreamError
 from .pool import Pool
@@ -36,6 +36,7 @@ from .pool import Pool
 __all__ = ("Body", "Exchange", "Sink", "request_head")
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+T = TypeVar("T")
 
 
 class Body(Protocol):
@@ -82,10 +83,13 @@ def request_head(
 class Exchange:
     """``send()`` one request, ``relay()`` its response, and always ``close()``."""
 
-    __slots__ = ("_pool", "_sender", "awaiting_client", "conn")
+    __slots__ = ("_deadline", "_pool", "_sender", "_timeout", "_timer", "awaiting_client", "conn")
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, timeout: float | None) -> None:
         self._pool = pool
+        self._timeout = timeout
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.conn: Connection | None = None
         self._sender: asyncio.Task[None] | None = None
         self.awaiting_client = False  # blocked on the client's request body
@@ -93,14 +97,22 @@ class Exchange:
     async def send(self, head: bytes, body: Body | None, *, chunked: bool,
                    head_only: bool) -> Response:
         """Send the request; return the response once its head is in."""
+        loop = asyncio.get_running_loop()
+        if self._timeout is not None:
+            self._deadline = loop.time() + self._timeout
         data = b""
         if body is not None:
             data = body.read_nowait()
             if not data and not body.at_eof():  # the head waits for the body to start
                 self.awaiting_client = True
-                data = await body.readany()
+                data = await self._bounded(body.readany())
                 self.awaiting_client = False
-        conn = self.conn = await self._pool.acquire()
+        conn = self._pool.acquire_idle()
+        if conn is None:
+            conn = await self._bounded(self._pool.acquire())
+        self.conn = conn
+        if self._deadline is not None:
+            self._timer = loop.call_at(self._deadline, self._expire)
         conn.begin(head_only=head_only)
         if body is None:
             conn.write(head)
@@ -132,6 +144,9 @@ class Exchange:
 
     def close(self) -> None:
         """Return the connection to the pool if the exchange completed cleanly, else close it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         conn = self.conn
         if conn is None:
             return
@@ -142,8 +157,22 @@ class Exchange:
             sender.cancel()
         self._pool.release(conn, reuse=sent and conn.at_eof)
 
-    def timeout_error(self, timeout: float) -> UpstreamError:
+    async def _bounded(self, wait: Awaitable[T]) -> T:
+        """``wait`` within the exchange's deadline; past it, an ``UpstreamError``."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await wait
+        except TimeoutError:
+            raise self.timeout_error() from None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.conn is not None:
+            self.conn.fail(self.timeout_error())
+
+    def timeout_error(self) -> UpstreamError:
         """What an exchange cut by ``upstream.timeout`` failed with, and whose fault it was."""
+        timeout = self._timeout or 0.0
         if self.awaiting_client:
             return UpstreamError("client_timeout",
                                  f"the client sent no more of its request within {timeout:g}s")

@@ -54,16 +54,25 @@ class Pool:
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
 
+    def acquire_idle(self) -> Connection | None:
+        """The most recently used idle connection that is still fit, without waiting."""
+        while self._idle and not self._closed:
+            conn = self._idle.pop()
+            if not conn.closed and self._loop.time() - conn.idle_since < self._idle_timeout:
+                conn.idle = False
+                return conn
+            self._drop(conn)
+        return None
+
     async def acquire(self) -> Connection:
+        """An idle connection, else a new one (waiting for a free slot at the limit)."""
         while True:
             if self._closed:
                 raise UpstreamError("connect", "the proxy is shutting down")
             if self._idle:
-                conn = self._idle.pop()
-                if not conn.closed and self._loop.time() - conn.idle_since < self._idle_timeout:
-                    conn.idle = False
+                conn = self.acquire_idle()
+                if conn is not None:
                     return conn
-                self._drop(conn)
                 continue
             if not self._limit or self._open < self._limit:
                 break
