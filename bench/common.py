@@ -205,7 +205,11 @@ def start_sidecar(tmp: str, tag: str, upstream_port: int, env: dict[str, str],
 
     The code comes from ``root``, else SIDECAR["root"] (see select_sidecar)."""
     port, admin = free_port(), free_port()
-    argv = [SIDECAR["python"], "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
+    python = SIDECAR["python"]
+    if root is not None:  # another checkout: its own venv, or an editable install elsewhere wins
+        venv_py = os.path.join(root, ".venv", "bin", "python")
+        python = venv_py if os.access(venv_py, os.X_OK) else python
+    argv = [python, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
     p = Proc(tag, argv, os.path.join(tmp, f"{tag}.log"),
              env={"PYTHONPATH": root or SIDECAR["root"], **env})

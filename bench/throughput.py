@@ -173,7 +173,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="seconds of /fast per target before round 1")
     ap.add_argument("--access-log", action="store_true", help="add the sidecar-accesslog target")
     ap.add_argument("--baseline-root", default=None, metavar="PATH",
-                    help="another checkout, measured as the sidecar-base target (before/after)")
+                    help="another checkout, measured as the sidecar-base target (before/after); "
+                         "give it its own PATH/.venv (pip install -e PATH): with this checkout "
+                         "installed editable in the bench venv, PYTHONPATH alone does not win")
     ap.add_argument("--fast-conns", type=int, default=50)
     ap.add_argument("--sleep-conns", type=int, default=100)
     ap.add_argument("--sleep-ms", type=int, default=10)

@@ -126,7 +126,7 @@ class ClientServer:
             reason = _not_forwardable(request)
             if reason is None:
                 resp = await self._forward(request)
-                if request.get(_LOST_TAIL):
+                if "Upgrade" in request.headers and request.get(_LOST_TAIL):  # Mapping.get is slow
                     resp.force_close()
             else:
                 _log_bad_request(request.remote, 400, reason)

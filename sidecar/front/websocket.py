@@ -39,6 +39,8 @@ def is_handshake(request: web.BaseRequest) -> bool:
     framed: the websocket client would send a bodiless GET of its own, and the client
     would get a made-up answer instead of the app's."""
     headers = request.headers
+    if "Upgrade" not in headers:  # the common case, decided by one lookup
+        return False
     if (request.method != "GET" or request.body_exists
             or headers.get("Upgrade", "").lower() != "websocket" or "Sec-WebSocket-Key" not in headers):
         return False
