@@ -1,29 +1,23 @@
 """One HTTP/2 client connection, passed through to its own app connection frame by frame.
 
-The client's frames go to the app and the app's to the client unchanged, read by their
-9-byte headers only; SETTINGS, WINDOW_UPDATE, PING and flow control stay end to end.
-What the sidecar adds, and why:
+Frames pass both ways unchanged, read by their 9-byte headers only (SETTINGS, WINDOW_UPDATE,
+PING and flow control stay end to end).  What the sidecar adds, and why:
 
 - Every header block is decoded by a mirror of the receiver's HPACK decoder
   (``HeaderMirror``): ``:method``/``:path`` and ``:status`` for metrics and the access
   log, and the client's table as the app sees it.  A block the sidecar drops (a refused
   stream) would leave the app's table behind if it changed the table: from then on the
   client's blocks are re-encoded towards the app with our own ``hpack.Encoder``.
-- The drain (RFC 9113 §6.8): GOAWAY(2^31-1) and a PING at the trigger (on a connection
-  made while draining: once its first stream is forwarded, see ``connection_made``); a
-  final GOAWAY naming the last stream forwarded at ``closing`` (once the PING's ACK came,
-  or after ``PING_ACK_WAIT``); streams opened later get RST_STREAM REFUSED_STREAM and
-  never reach the app; at the deadline the drain resets what is left (RST_STREAM CANCEL
-  both ways).
-  Our PING's ACK is not forwarded; the app's PINGs and GOAWAYs pass through (a GOAWAY
-  of the app's naming a higher stream than one already sent is lowered to it).
-- Frames of its own (RST_STREAM, GOAWAY, PING, local 502/503/504 headers) are written
-  only between whole frames, never inside a header block: a block split over
-  CONTINUATION frames is held until its last frame, then sent at once (RFC 9113 §6.10).
+- The drain (RFC 9113 §6.8; the sequence on the wire is in docs/http2.md): GOAWAY(2^31-1)
+  and a PING at the trigger (a connection made while draining: after its first stream), a
+  final GOAWAY at ``closing``, REFUSED_STREAM after it, CANCEL both ways at the deadline.
+  Our PING's ACK is not forwarded; the app's PINGs and GOAWAYs pass through.
+- Frames of its own (RST_STREAM, GOAWAY, PING, local 502/503/504) go only between whole
+  frames: a block split over CONTINUATION frames is held until its last (RFC 9113 §6.10).
 - Hostile input ends the connection with a GOAWAY naming the error (``limits``).
 
-Invariants: bytes reach each side in the order they were read; a frame is forwarded
-whole or not at all; everything written in one turn goes out in one ``write`` per side.
+Invariants: bytes reach each side in the order they were read; a frame is forwarded whole or
+not at all; what one turn writes goes out in one ``write`` per side.
 """
 
 from __future__ import annotations
