@@ -25,12 +25,12 @@ from ..upstream.connection import UpstreamError
 from ..upstream.exchange import Exchange, request_head
 from ..upstream.pool import Pool
 from ..upstream.reach import base_url, host_header, upstream_pool, websocket_session
-from .headers import request_headers, response_headers, transfer_codings
+from .headers import request_headers
 from .listener import ClientConnection
 from .responses import (
-    ClientSink,
     ProxyResponse,
     describe_error,
+    proxy_response,
     rejection,
     request_timeout,
     upstream_error,
@@ -104,7 +104,7 @@ class Forwarder:
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
-            if is_handshake(request):
+            if "Upgrade" in request.headers and is_handshake(request):
                 resp, status = await self._websocket(request)
             else:
                 resp, status = await self._forward(request)
@@ -161,12 +161,10 @@ class Forwarder:
         resp: ProxyResponse | None = None
         try:
             up = await exchange.send(head, body, chunked=chunked, head_only=method == "HEAD")
-            resp = ProxyResponse(status=up.status, reason=up.reason)
-            resp.headers.extend(response_headers(up.headers))
-            resp.codings = transfer_codings(up.headers)
+            resp = proxy_response(request, up)
             if self._drain.triggered:
                 resp.force_close()
-            await exchange.relay(ClientSink(request, resp))
+            await exchange.relay(resp)
             return resp, up.status
         except UpstreamError as exc:
             if exc.kind == "client_timeout":  # the client, not the app, is the slow party

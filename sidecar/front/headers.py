@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDictProxy
 
-__all__ = ("HOP_BY_HOP", "request_headers", "response_headers", "transfer_codings")
+__all__ = ("HOP_BY_HOP", "request_headers", "response_headers")
 
 HOP_BY_HOP = frozenset(
     (
@@ -93,18 +93,25 @@ def request_headers(
     return out
 
 
-def transfer_codings(headers: list[tuple[str, str]]) -> str | None:
-    """The app's transfer codings other than ``chunked`` (``gzip`` of ``gzip, chunked``),
-    which the client must be told about: the body is forwarded as it came, still coded."""
-    codings = [c.strip() for k, v in headers if k.lower() == "transfer-encoding"
-               for c in v.split(",") if c.strip() and c.strip().lower() != "chunked"]
-    return ", ".join(codings) or None
-
-
-def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers to send to the client: the upstream's, minus hop-by-hop ones."""
-    drop = HOP_BY_HOP
-    named = [v for k, v in headers if k.lower() == "connection"]
+def response_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
+    """Headers to send to the client (the upstream's, minus hop-by-hop ones), and the app's
+    transfer codings other than ``chunked`` (``gzip`` of ``gzip, chunked``), which the client
+    must be told about: the body is forwarded as it came, still coded.  One pass over the
+    headers in the common case: this runs per response."""
+    out: list[tuple[str, str]] = []
+    named: list[str] = []
+    codings: list[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in HOP_BY_HOP:
+            out.append((name, value))
+        elif lname == "connection":
+            named.append(value)
+        elif lname == "transfer-encoding":
+            codings.extend(c.strip() for c in value.split(",")
+                           if c.strip() and c.strip().lower() != "chunked")
     if named:
-        drop = drop | _named_by_connection(named)
-    return [(k, v) for k, v in headers if k.lower() not in drop]
+        drop = _named_by_connection(named) - HOP_BY_HOP  # "keep-alive": nothing more to drop
+        if drop:
+            out = [(k, v) for k, v in out if k.lower() not in drop]
+    return out, ", ".join(codings) or None

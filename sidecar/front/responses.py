@@ -9,27 +9,31 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
-from ..upstream.connection import NotHTTP, UpstreamError
+from ..upstream.connection import NotHTTP, Response, UpstreamError
+from .headers import response_headers
 
 __all__ = (
-    "ClientSink", "ProxyResponse", "describe_error", "rejection", "request_timeout", "upstream_error",
-    "upstream_error_kind",
+    "FaithfulHeadResponse", "ProxyResponse", "describe_error", "proxy_response", "rejection",
+    "request_timeout", "upstream_error", "upstream_error_kind",
 )
 
 
 class ProxyResponse(web.StreamResponse):
-    """A response that adds nothing the upstream did not send but Date.
+    """The app's response on its way to the client: adds nothing the upstream did not send
+    but Date, and is the exchange's ``Sink`` (``start``, ``flush_head``, ``write``,
+    ``finish``) with no object in between.
 
     aiohttp fills in ``Content-Type: application/octet-stream`` and its own
     ``Server`` when they are missing; a proxy must pass the upstream's headers as
     they are.  The head is held until the first body bytes so that both leave in
-    one write (``_forward`` flushes it at once for a stream that has nothing yet).
+    one write (``flush_head`` sends it at once for a stream that has nothing yet).
+    ``codings`` are the app's transfer codings other than chunked (a body still coded):
+    the client is told ``Transfer-Encoding: <codings>, chunked``.
 
     Header bytes that are not UTF-8 (obs-text, a latin-1 ``filename="r\xe9sum\xe9"``)
-    arrive as surrogate escapes; aiohttp's serializer writes UTF-8 and drops those,
-    so a head that has any is serialized here, byte for byte.  ``codings`` are the
-    app's transfer codings other than chunked (a body still coded): the client is
-    told ``Transfer-Encoding: <codings>, chunked``.
+    arrive as surrogate escapes; aiohttp's serializer writes UTF-8 and drops those, so
+    such a head is written by ``FaithfulHeadResponse``, byte for byte (``proxy_response``
+    picks the class: the ASCII head of almost every response pays nothing for it).
 
     The one place the sidecar touches aiohttp's private names, on purpose: aiohttp has
     no public way to (1) not add ``Content-Type``/``Server`` (``_prepare_headers``),
@@ -42,7 +46,27 @@ class ProxyResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False
-    codings: str | None = None
+
+    def __init__(self, request: web.BaseRequest, status: int, reason: str,
+                 headers: list[tuple[str, str]], codings: str | None) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._client = request
+        self._writer: AbstractStreamWriter | None = None
+        self.codings = codings
+
+    # --- the exchange's Sink ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare the head; it leaves with the first body bytes."""
+        self._writer = await self.prepare(self._client)
+
+    def flush_head(self) -> None:
+        if self._writer is not None:
+            self._writer.send_headers()
+
+    finish = web.StreamResponse.write_eof  # the last bytes and the end, in one write
+
+    # --- aiohttp's hooks -------------------------------------------------------------------
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
@@ -55,6 +79,10 @@ class ProxyResponse(web.StreamResponse):
             headers.pop("Server", None)
         if self.codings and headers.get("Transfer-Encoding") == "chunked":
             headers["Transfer-Encoding"] = f"{self.codings}, chunked"
+
+
+class FaithfulHeadResponse(ProxyResponse):
+    """A ``ProxyResponse`` whose head has bytes over 0x7f: written byte for byte."""
 
     async def _write_headers(self) -> None:
         await super()._write_headers()
@@ -71,29 +99,11 @@ class ProxyResponse(web.StreamResponse):
         writer._headers_buf = head
 
 
-class ClientSink:
-    """The client's side of an exchange (``upstream.exchange.Sink``): the proxied response
-    on aiohttp's writer."""
-
-    __slots__ = ("_request", "_resp", "_writer")
-
-    def __init__(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
-        self._request = request
-        self._resp = resp
-        self._writer: AbstractStreamWriter | None = None
-
-    async def start(self) -> None:
-        self._writer = await self._resp.prepare(self._request)  # the head waits for the body
-
-    def flush_head(self) -> None:
-        if self._writer is not None:
-            self._writer.send_headers()
-
-    async def write(self, data: bytes) -> None:
-        await self._resp.write(data)
-
-    async def finish(self, data: bytes = b"") -> None:
-        await self._resp.write_eof(data)
+def proxy_response(request: web.BaseRequest, up: Response) -> ProxyResponse:
+    """The client's response to the app's ``up``: its status, reason and end-to-end headers."""
+    headers, codings = response_headers(up.headers)
+    cls = ProxyResponse if up.ascii_head else FaithfulHeadResponse
+    return cls(request, up.status, up.reason, headers, codings)
 
 
 def rejection(reason: str, retry_after: str) -> web.Response:

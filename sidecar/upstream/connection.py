@@ -23,7 +23,7 @@ Invariants:
   no limit of its own, so an app sending header lines without end would grow the
   sidecar until it is killed.  Past it, the exchange fails (502).
 - Header bytes are decoded as UTF-8 with ``surrogateescape``, so obs-text (a latin-1
-  ``\xe9``) survives the round trip; ``responses.ProxyResponse`` writes it back.
+  ``\xe9``) survives the round trip; ``front.responses.FaithfulHeadResponse`` writes it back.
 - Trailers of a chunked response are parsed and dropped: the body is passed on,
   the trailer fields are not (the client side cannot send them).
 - Every failure wakes the waiting reader with an ``UpstreamError``.
@@ -54,6 +54,7 @@ class Connection(asyncio.Protocol):
         self._on_idle_close = on_idle_close
         self._max_head = max_head
         self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # once: each call is a getpid() system call
         self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = False
         self.idle = False  # set by the pool while the connection waits in it
@@ -77,6 +78,8 @@ class Connection(asyncio.Protocol):
             self._dirty = True
             self.close()
             return
+        if not resp.head_done and resp.ascii_head and not data.isascii():
+            resp.ascii_head = False  # maybe in the head: the writer checks (one C call a read)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # a 101 nobody asked for: not HTTP any more
@@ -192,7 +195,7 @@ class Connection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the app is not reading what we send."""
         if self._writing_paused and not self.closed:
-            self._write_waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = self._loop.create_future()
             await self._write_waiter
         resp = self.response
         if self.closed and not resp.complete:
@@ -292,9 +295,8 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+    def _wait(self) -> asyncio.Future[None]:
+        """A future ``_wake`` resolves (a plain future, not a coroutine: one frame less on
+        every resumption; a finished or cancelled one is never woken again)."""
+        waiter = self._waiter = self._loop.create_future()
+        return waiter

@@ -20,7 +20,7 @@ timeout, a cancellation by the drain or by a client that went away) it is closed
 the app sees the disconnect at once.
 
 Neither side is an aiohttp type: ``Body`` is what aiohttp's ``StreamReader`` offers and
-``Sink`` what the front side wraps around its response, so the upstream leg is tested
+``Sink`` what the front side's response offers (``front.responses.ProxyResponse``), so the upstream leg is tested
 in-process with plain objects (tests/test_upstream_leg.py).
 """
 
@@ -97,7 +97,7 @@ class Exchange:
     async def send(self, head: bytes, body: Body | None, *, chunked: bool,
                    head_only: bool) -> Response:
         """Send the request; return the response once its head is in."""
-        loop = asyncio.get_running_loop()
+        loop = self._pool.loop
         if self._timeout is not None:
             self._deadline = loop.time() + self._timeout
         data = b""

@@ -41,7 +41,7 @@ class Pool:
         idle_timeout: float,
         max_head: int = 64 * 1024,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self._host, self._port, self._unix_path = host, port, unix_path
         self._address = unix_path if unix_path else f"{host}:{port}"
         self._connect_timeout = connect_timeout or None

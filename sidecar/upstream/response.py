@@ -40,7 +40,7 @@ def closed_early() -> UpstreamError:
 class Response:
     """What one exchange learns from the app, filled in by the parser's callbacks."""
 
-    __slots__ = ("buffered", "chunks", "complete", "error", "head_bytes", "head_done",
+    __slots__ = ("ascii_head", "buffered", "chunks", "complete", "error", "head_bytes", "head_done",
                  "head_only", "headers", "interim", "keep_alive", "reason", "status",
                  "status_seen")
 
@@ -49,6 +49,7 @@ class Response:
         self.status = 0
         self.reason = ""
         self.status_seen = False  # a status line was read: the app speaks HTTP
+        self.ascii_head = True  # false if a read that carried head bytes had a byte over 0x7f
         self.headers: list[tuple[str, str]] = []
         self.head_done = False
         self.head_bytes = 0  # bytes received before the final head was complete
