@@ -137,8 +137,9 @@ class ClientServer:
                 await resp.write_eof()
             return resp
         finally:
-            if isinstance(request.protocol, ClientConnection):
-                request.protocol.state.in_request = False
+            protocol = request.protocol
+            if isinstance(protocol, ClientConnection):
+                protocol.state.in_request = False
 
 
 def _not_forwardable(request: web.BaseRequest) -> str | None:
@@ -196,7 +197,10 @@ class ClientConnection(web.RequestHandler):
             if not data:
                 return
         state = self.state
-        heads, idle = state.heads, not state.busy and not state.receiving_head
+        heads = state.heads
+        # not state.busy (spelled out: this runs for every read)
+        idle = (not state.in_request and heads <= state.requests and state.tracked
+                and not state.receiving_head)
         state.feed(data)  # before aiohttp wakes the handler: the head is known as it is parsed
         super().data_received(data)
         if state.heads != heads:  # a complete head (or a malformed one) arrived
