@@ -86,8 +86,6 @@ class FaithfulHeadResponse(ProxyResponse):
 
     async def _write_headers(self) -> None:
         await super()._write_headers()
-        if self.reason.isascii() and "".join(self.headers.values()).isascii():
-            return
         # aiohttp has validated the head (no CR/LF) and buffered its UTF-8 form without
         # the escaped bytes: put the faithful bytes in its place (aiohttp has no hook).
         writer = self._payload_writer

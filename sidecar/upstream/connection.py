@@ -78,8 +78,6 @@ class Connection(asyncio.Protocol):
             self._dirty = True
             self.close()
             return
-        if not resp.head_done and resp.ascii_head and not data.isascii():
-            resp.ascii_head = False  # maybe in the head: the writer checks (one C call a read)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # a 101 nobody asked for: not HTTP any more
@@ -128,12 +126,16 @@ class Connection(asyncio.Protocol):
             raise UpstreamError("reset", "invalid response from the upstream: "
                                 f"a control character in the reason phrase {reason[:40]!r}")
         resp.reason = reason.decode("utf-8", "surrogateescape")
+        if not reason.isascii():
+            resp.ascii_head = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self.response
         if not resp.head_done:  # afterwards: trailer fields, dropped
             resp.headers.append(
                 (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+            if not value.isascii():  # llhttp lets only token characters into a name
+                resp.ascii_head = False
 
     def on_message_begin(self) -> None:
         if self.response.complete:  # a second answer to one request: the connection is not reused

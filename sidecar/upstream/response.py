@@ -49,7 +49,7 @@ class Response:
         self.status = 0
         self.reason = ""
         self.status_seen = False  # a status line was read: the app speaks HTTP
-        self.ascii_head = True  # false if a read that carried head bytes had a byte over 0x7f
+        self.ascii_head = True  # false once the reason or a header value has a byte over 0x7f
         self.headers: list[tuple[str, str]] = []
         self.head_done = False
         self.head_bytes = 0  # bytes received before the final head was complete
