@@ -20,7 +20,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("script", ["throughput.py", "scale.py", "drain.py", "timeline.py", "rolling.py",
-                                    "soak.py", "grpc_rolling.py", "h2c.py"])
+                                    "soak.py", "grpc_rolling.py", "h2c.py", "instructions.py"])
 def test_bench_script_documents_its_flags_including_the_sidecar_checkout(script: str) -> None:
     r = _run([str(BENCH / script), "--help"], timeout=60)
     assert r.returncode == 0, r.stderr
@@ -75,3 +75,21 @@ def test_h2c_tiny_run_writes_a_report_with_the_sidecar_row(tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert "| sidecar | n/a |" in text and "p99 added ms" in text
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("h2load") is None,
+                    reason="valgrind/h2load are not installed (apt-get install valgrind nghttp2-client)")
+def test_instructions_tiny_run_counts_instructions_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "instr.md"
+    r = _run([str(BENCH / "instructions.py"), "--kinds", "fast", "--requests", "50", "--warmup", "10",
+              "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| GET /fast |"))
+    assert int(row.split("|")[2].strip().replace(",", "")) > 1000  # a count, not a blank
+
+
+def test_instructions_refuses_an_unknown_kind_by_name() -> None:
+    r = _run([str(BENCH / "instructions.py"), "--kinds", "fast,websocket"], timeout=60)
+    assert r.returncode == 2
+    assert "websocket" in r.stderr
