@@ -55,6 +55,13 @@ class Proxy:
         # out of the collector's way, so a full collection under load does not scan it
         # (measured under wrk: worst pause 34 ms -> 5 ms).
         gc.freeze()
+        # A request's objects hold no reference cycles and die with it, so the cyclic
+        # collector finds next to nothing; at the default threshold (700 allocations) it
+        # still ran every few dozen requests and rescanned every request in flight: under
+        # a light load (100 req/s of 10 ms requests) 5 % of the proxy's instructions
+        # (callgrind: 296k -> 281k per request).  Ten times fewer young collections, each
+        # over at most a few thousand more short-lived objects.
+        gc.set_threshold(7000, 10, 10)
 
     async def listen(self) -> int:
         """Bind the proxy listener; return the port (useful with port 0)."""
