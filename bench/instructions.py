@@ -15,6 +15,11 @@ answered 2xx or the run fails), and the counters are dumped (callgrind_control -
   fast   GET  /fast            100 B answer
   post   POST /sink            1 KiB body (Content-Length), short answer
   bytes  GET  /bytes?n=65536   64 KiB answer
+  sleep  GET  /sleep?ms=10     over 100 connections: an app that takes its time, so each
+                               request is a wait (timers, wake-ups) rather than a tight loop
+  paced  GET  /sleep?ms=10     a light load: 50 connections at a fixed 100 req/s in all, so
+                               the sidecar is never saturated (each request on its own, as
+                               at a quiet hour; under valgrind the others keep it busy)
 Needs valgrind (Debian valgrind) and h2load (nghttp2-client).  Results:
 bench/results/instructions.md.  About 2 minutes with a baseline.
 """
@@ -32,17 +37,20 @@ import time
 import common as C
 import runinfo as R
 
-KINDS = {
-    "fast": ("GET /fast", "/fast", None),
-    "post": ("POST /sink, 1 KiB body", "/sink", 1024),
-    "bytes": ("GET /bytes?n=65536", "/bytes?n=65536", None),
+KINDS = {  # name: (what, path, body size, connections, requests/s per connection or None)
+    "fast": ("GET /fast", "/fast", None, 10, None),
+    "post": ("POST /sink, 1 KiB body", "/sink", 1024, 10, None),
+    "bytes": ("GET /bytes?n=65536", "/bytes?n=65536", None, 10, None),
+    "sleep": ("GET /sleep?ms=10, 100 connections", "/sleep?ms=10", None, 100, None),
+    "paced": ("GET /sleep?ms=10 at 100 req/s", "/sleep?ms=10", None, 50, 2),
 }
 SIDECAR_ENV = {"SIDECAR_LOGGING_LEVEL": "warning", "SIDECAR_DRAIN_DELAY": "0s",
                "SIDECAR_DRAIN_TIMEOUT": "2s"}
 
 
-def h2load(port: int, path: str, n: int, body: str | None, timeout: float) -> None:
-    argv = ["h2load", "--h1", "-t1", "-c10", "-n", str(n),
+def h2load(port: int, path: str, n: int, body: str | None, conns: int, rps: int | None,
+           timeout: float) -> None:
+    argv = ["h2load", "--h1", "-t1", f"-c{conns}", "-n", str(n), *(["--rps", str(rps)] if rps else []),
             *(["-d", body] if body else []), f"http://127.0.0.1:{port}{path}"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     m = re.search(r"status codes: (\d+) 2xx", r.stdout)
@@ -77,13 +85,13 @@ def measure(tmp: str, tag: str, root: str, python: str, upstream_port: int, kind
     try:
         p.wait_ready(f"http://127.0.0.1:{admin}/readyz", f"http://127.0.0.1:{port}/fast", timeout=180)
         for kind in kinds:
-            _, path, size = KINDS[kind]
+            _, path, size, conns, rps = KINDS[kind]
             data = body if size else None
-            h2load(port, path, warmup, data, timeout=600)
+            h2load(port, path, max(warmup, conns), data, conns, rps, timeout=600)
             subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, check=True,
                            timeout=60)
             seen = set(glob.glob(out_prefix + ".*"))
-            h2load(port, path, n, data, timeout=1200)
+            h2load(port, path, n, data, conns, rps, timeout=1200)
             subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True,
                            timeout=60)
             per_request[kind] = callgrind_total(out_prefix, seen) / n
@@ -102,7 +110,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, float]], check
                  f"`python bench/instructions.py {' '.join(sys.argv[1:])}`.")
     what = ("User-space instructions (callgrind's Ir) the sidecar's process executed per request, "
             f"{args.requests:,} requests after {args.warmup:,} of warm-up, HTTP/1.1 from h2load over "
-            "10 keep-alive connections, bench/upstream.py behind it. Deterministic to about 0.5 % "
+            "10 keep-alive connections (sleep: 100; paced: 50 at 100 req/s in all), bench/upstream.py behind it. Deterministic to about 0.5 % "
             "between runs; the kernel's share (system calls, loopback TCP) is not in it.")
     lines += [generated, "", what, "", R.versions_line(versions, R.CORE_KEYS), ""]
     for tag, where in checkouts.items():
