@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,14 @@ def sigterm_unwinds() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, handler)
+
+
+def finish_tmp(tmp: str, *, keep: bool, what: str = "configs and logs") -> None:
+    """Remove a run's temp dir, or keep it (asked for, or the run failed) and say where."""
+    if keep:
+        log(f"{what} kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the servers -----------------------------------------------------------------------------

@@ -374,10 +374,7 @@ def main() -> int:
                 results.append(run_one(t, rnd, tmp, args))
         ok = True
     finally:
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
     results.sort(key=lambda r: (targets.index(r["target"]), r["round"]))
     elapsed = time.time() - t_start
     versions = R.versions()

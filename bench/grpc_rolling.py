@@ -39,7 +39,6 @@ import collections
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -293,10 +292,7 @@ def main() -> int:
                     results.append(scenario(front, app_kind, rnd, tmp, args))
         ok = True
     finally:
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
     versions = R.versions()
     elapsed = time.time() - t_start
     text = report(args, results, versions, elapsed, cmd)

@@ -259,10 +259,7 @@ def main() -> int:
         app.stop(signal.SIGTERM, 5)
         if grpc_app is not None:
             grpc_app.stop(signal.SIGTERM, 5)
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
     versions = R.versions()
     elapsed = time.time() - t_start
     text = report(args, results, versions, elapsed, cmd)

@@ -43,7 +43,6 @@ import asyncio
 import errno
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -328,10 +327,7 @@ def main() -> int:
                         results.append(asyncio.run(scenario(front, mode, app_kind, rnd, tmp, args)))
         ok = True
     finally:
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
     versions = R.versions()
     elapsed = time.time() - t_start
     text = rollreport.report(args, results, versions, elapsed, cmdline)

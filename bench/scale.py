@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -263,10 +262,7 @@ def main() -> int:
         for p in (proc, upstream):
             if p is not None:
                 p.stop(signal.SIGTERM, 10)
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
     versions = R.versions()
     raw["versions"] = versions
     text = scalereport.report(args, raw, versions, time.time() - t_start, cmdline)

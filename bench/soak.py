@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -291,10 +290,7 @@ def main() -> int:
         res = asyncio.run(soak(args, tmp))
         ok = True
     finally:
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok, what="logs")
     checks = verdict(res, args.max_growth)
     versions = R.versions()
     text = report(args, res, checks, versions, time.time() - t_start, cmdline)

@@ -26,7 +26,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -262,10 +261,7 @@ def main() -> int:
                 procs[t].stop(signal.SIGTERM, 10)
         if upstream is not None:
             upstream.stop(signal.SIGTERM, 10)
-        if ok and not args.keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            C.log(f"configs and logs kept in {tmp}")
+        C.finish_tmp(tmp, keep=args.keep_tmp or not ok)
 
     elapsed = time.time() - t_start
     versions = R.versions()
