@@ -79,7 +79,8 @@ class Drain:
         self._clock = clock
         self._state = State.STARTING
         self._flights: set[Flight] = set()
-        self._idle: asyncio.Future[None] | None = None  # awaited in closing until no flights
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._triggered = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._deadline = asyncio.Event()
@@ -124,6 +125,8 @@ class Drain:
 
     def add(self, flight: Flight) -> None:
         self._flights.add(flight)
+        if self._idle.is_set():
+            self._idle.clear()
 
     def done(self, flight: Flight) -> None:
         try:
@@ -132,8 +135,8 @@ class Drain:
             return  # aborted at the deadline: counted there, not as completed
         if self._started_at is not None:
             self._completed += 1
-        if not self._flights and self._idle is not None:
-            self._wake_idle()
+        if not self._flights:
+            self._idle.set()
 
     def rejected(self) -> None:
         if self._started_at is not None:
@@ -219,7 +222,7 @@ class Drain:
         await stop_admission()
         self._enter(State.CLOSING, in_flight=len(self._flights))
 
-        await _first_of(self._all_done(), self._deadline.wait(), timeout=self._timeout)
+        await _first_of(self._idle.wait(), self._deadline.wait(), timeout=self._timeout)
         logger.info("in-flight requests done", extra={"fields": {
             "left_to_abort": len(self._flights), "completed": self._completed}})
         self._abort_all()
@@ -253,19 +256,7 @@ class Drain:
             )
             self._flights.discard(flight)
             flight.abort()
-        self._wake_idle()
-
-    async def _all_done(self) -> None:
-        """Return once no request is in flight (a future only while it is awaited: the hot
-        path, ``add`` and ``done``, pays nothing for it)."""
-        if self._flights:
-            self._idle = asyncio.get_running_loop().create_future()
-            await self._idle
-
-    def _wake_idle(self) -> None:
-        idle = self._idle
-        if idle is not None and not idle.done():
-            idle.set_result(None)
+        self._idle.set()
 
     def summary(self) -> Summary:
         return Summary(

@@ -104,7 +104,7 @@ class Forwarder:
         status = CLIENT_CLOSED
         resp: web.StreamResponse | None = None
         try:
-            if "Upgrade" in request.headers and is_handshake(request):
+            if is_handshake(request):
                 resp, status = await self._websocket(request)
             else:
                 resp, status = await self._forward(request)

@@ -197,10 +197,7 @@ class ClientConnection(web.RequestHandler):
             if not data:
                 return
         state = self.state
-        heads = state.heads
-        # not state.busy (spelled out: this runs for every read)
-        idle = (not state.in_request and heads <= state.requests and state.tracked
-                and not state.receiving_head)
+        heads, idle = state.heads, not state.busy and not state.receiving_head
         state.feed(data)  # before aiohttp wakes the handler: the head is known as it is parsed
         super().data_received(data)
         if state.heads != heads:  # a complete head (or a malformed one) arrived
