@@ -38,8 +38,8 @@ class ProxyResponse(web.StreamResponse):
     The one place the sidecar touches aiohttp's private names, on purpose: aiohttp has
     no public way to (1) not add ``Content-Type``/``Server`` (``_prepare_headers``),
     (2) hold the head for the first body bytes (``_send_headers_immediately``), or
-    (3) write header bytes that are not UTF-8 (``_write_headers``, ``_payload_writer``,
-    ``_req`` and the writer's ``_headers_buf``).  The alternative is to own the whole
+    (3) write header bytes that are not UTF-8 (``_write_headers`` and the writer's
+    ``_headers_buf``).  The alternative is to own the whole
     HTTP/1.1 response writer (framing, keep-alive, HEAD/1xx/204/304 rules) beside
     aiohttp's; CI runs the suite on the floor and the newest aiohttp the range allows
     (``.ci/run``), and tests/test_framing.py fails if any of the three stops working.
@@ -88,8 +88,7 @@ class FaithfulHeadResponse(ProxyResponse):
         await super()._write_headers()
         # aiohttp has validated the head (no CR/LF) and buffered its UTF-8 form without
         # the escaped bytes: put the faithful bytes in its place (aiohttp has no hook).
-        writer = self._payload_writer
-        version = self._req.version if self._req is not None else (1, 1)
+        writer, version = self._client.writer, self._client.version
         lines = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}",
                  *(f"{k}: {v}" for k, v in self.headers.items())]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")

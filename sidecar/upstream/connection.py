@@ -254,20 +254,6 @@ class Connection(asyncio.Protocol):
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _until_close(self) -> bool:
-        """The body has no length of its own: it ends when the app closes the connection."""
-        resp = self.response
-        if resp.status in (204, 304):
-            return False
-        length = coding = False
-        for name, value in resp.headers:
-            lname = name.lower()
-            if lname == "content-length":
-                length = True
-            elif lname == "transfer-encoding":  # RFC 9112 6.3: only a final chunked frames it
-                coding = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
-        return not length and not coding
-
     def _ended(self, exc: BaseException | None) -> None:
         self.closed = True
         if self.idle:
@@ -276,7 +262,7 @@ class Connection(asyncio.Protocol):
         resp = self.response
         if exc is not None and not resp.complete:  # a reset is not an end (RFC 9112 8)
             self.fail(UpstreamError("reset", f"the upstream connection failed: {exc}"))
-        elif resp.head_done and not resp.complete and self._until_close():
+        elif resp.head_done and not resp.complete and resp.until_close():
             resp.complete = True  # a body delimited by the connection close
         elif not resp.complete:
             self.fail(closed_early())

@@ -41,7 +41,7 @@ class Pool:
         idle_timeout: float,
         max_head: int = 64 * 1024,
     ) -> None:
-        self.loop = self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # also the exchanges' (one lookup: a getpid())
         self._host, self._port, self._unix_path = host, port, unix_path
         self._address = unix_path if unix_path else f"{host}:{port}"
         self._connect_timeout = connect_timeout or None
@@ -58,7 +58,7 @@ class Pool:
         """The most recently used idle connection that is still fit, without waiting."""
         while self._idle and not self._closed:
             conn = self._idle.pop()
-            if not conn.closed and self._loop.time() - conn.idle_since < self._idle_timeout:
+            if not conn.closed and self.loop.time() - conn.idle_since < self._idle_timeout:
                 conn.idle = False
                 return conn
             self._drop(conn)
@@ -76,7 +76,7 @@ class Pool:
                 continue
             if not self._limit or self._open < self._limit:
                 break
-            waiter = self._loop.create_future()
+            waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
@@ -95,10 +95,10 @@ class Pool:
         """Take a connection back: pooled if ``reuse`` and it is fit for it, else closed."""
         if reuse and not self._closed and conn.reusable:
             conn.idle = True
-            conn.idle_since = self._loop.time()
+            conn.idle_since = self.loop.time()
             self._idle.append(conn)
             if self._sweeper is None:
-                self._sweeper = self._loop.call_later(self._idle_timeout / 8, self._sweep)
+                self._sweeper = self.loop.call_later(self._idle_timeout / 8, self._sweep)
             self._wake_one()
             return
         conn.close()
@@ -119,7 +119,7 @@ class Pool:
     # --- internals -----------------------------------------------------------------------------
 
     async def _connect(self) -> Connection:
-        loop = self._loop
+        loop = self.loop
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._unix_path:
@@ -140,11 +140,11 @@ class Pool:
         """Close the connections idle for ``idle_timeout`` (the oldest are on the left)."""
         self._sweeper = None
         idle = self._idle
-        expired = self._loop.time() - self._idle_timeout
+        expired = self.loop.time() - self._idle_timeout
         while idle and idle[0].idle_since <= expired:
             self._drop(idle.popleft())
         if idle:
-            self._sweeper = self._loop.call_later(self._idle_timeout / 8, self._sweep)
+            self._sweeper = self.loop.call_later(self._idle_timeout / 8, self._sweep)
 
     def _drop(self, conn: Connection) -> None:
         conn.close()

@@ -59,3 +59,16 @@ class Response:
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.error: UpstreamError | None = None
+
+    def until_close(self) -> bool:
+        """The body has no length of its own: it ends when the app closes the connection."""
+        if self.status in (204, 304):
+            return False
+        length = coding = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == "content-length":
+                length = True
+            elif lname == "transfer-encoding":  # RFC 9112 6.3: only a final chunked frames it
+                coding = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        return not length and not coding
