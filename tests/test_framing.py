@@ -235,6 +235,18 @@ async def test_obs_text_in_a_response_header_value_is_forwarded_byte_for_byte(
     assert b"\r\nX-Utf8: caf\xc3\xa9\r\n" in data
 
 
+async def test_obs_text_in_the_reason_phrase_is_forwarded_byte_for_byte(
+        sidecar: Sidecar, recorder: Recorder) -> None:
+    """RFC 9112 4 allows obs-text in the reason: a latin-1 reason with ASCII headers arrives as
+    sent (the head is written byte for byte when the reason alone is not ASCII)."""
+    recorder.reply = scripted(b"HTTP/1.1 200 Gr\xfc\xdfe\r\nContent-Length: 2\r\n\r\nok")
+    data = await exchange(sidecar.port, b"GET /f HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+                          sentinel=False)
+    assert data is not None
+    assert data.startswith(b"HTTP/1.1 200 Gr\xfc\xdfe\r\n"), data[:80]
+    assert data.endswith(b"\r\n\r\nok")
+
+
 async def test_obs_text_in_a_request_header_value_is_forwarded_byte_for_byte(
         sidecar: Sidecar, recorder: Recorder) -> None:
     await exchange(sidecar.port, b"GET /f HTTP/1.1\r\nHost: app\r\nX-Name: r\xe9sum\xe9\r\n"
